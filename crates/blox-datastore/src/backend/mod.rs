@@ -1,0 +1,358 @@
+//! Storage backends: where DataStore entries live.
+//!
+//! A backend offers three primitives, and every DataStore operation is built from them:
+//! a read, an unconditional write (SetAsync: the last writer wins, as on Roblox) and a
+//! compare-and-set write that only succeeds if the key is still at the version that was read.
+//! Read-modify-write operations (UpdateAsync, IncrementAsync, RemoveAsync) are optimistic
+//! loops over read + compare-and-set: no transaction or row lock is ever held while Luau code
+//! (an UpdateAsync transform) runs, and servers racing on one key serialize on the version
+//! check, so nothing is lost or overwritten, on one server or many.
+//!
+//! There are two implementations, SQLite (embedded, the default) and PostgreSQL (shared by
+//! many servers). sqlx's `AnyPool` is not used: it has no common ground for the two dialects'
+//! upserts and types. One conformance suite (`tests/conformance.rs`) runs against both.
+
+mod postgres;
+mod sqlite;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use postgres::PostgresBackend;
+pub use sqlite::{SqliteBackend, SqliteSync};
+
+/// The kind of store a key belongs to; part of every key's identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(i16)]
+pub enum StoreKind {
+    /// A `DataStore` (GetDataStore, GetGlobalDataStore).
+    Standard = 0,
+}
+
+/// The full identity of one entry. Every row belongs to a universe (a game), so two games
+/// sharing a database never see each other's data.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EntryKey {
+    /// The universe (`game.GameId`).
+    pub universe: i64,
+    /// Which kind of store.
+    pub kind: StoreKind,
+    /// The data store's name.
+    pub store: String,
+    /// The scope ("global" unless given).
+    pub scope: String,
+    /// The key within the scope.
+    pub key: String,
+}
+
+/// Service metadata of one version of an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Version {
+    /// Rises by one with every write of the key, removals included.
+    pub seq: i64,
+    /// When the object was created (Unix milliseconds).
+    pub created_ms: i64,
+    /// When this version was written (Unix milliseconds).
+    pub updated_ms: i64,
+}
+
+/// The stored state of a key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    /// The value as stored JSON text.
+    pub value: String,
+    /// The user ids as a JSON array.
+    pub user_ids: String,
+    /// The user metadata as a JSON object.
+    pub metadata: String,
+    /// The latest version's service metadata.
+    pub version: Version,
+    /// True when the latest version is a removal tombstone.
+    pub deleted: bool,
+}
+
+/// What a write stores.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Write {
+    /// The value as JSON text.
+    pub value: String,
+    /// The user ids as a JSON array.
+    pub user_ids: String,
+    /// The user metadata as a JSON object.
+    pub metadata: String,
+    /// True to write a removal tombstone.
+    pub deleted: bool,
+    /// The time of the write (Unix milliseconds).
+    pub now_ms: i64,
+}
+
+impl Write {
+    /// A removal tombstone written at `now_ms`.
+    pub fn tombstone(now_ms: i64) -> Self {
+        Self {
+            value: "null".to_owned(),
+            user_ids: "[]".to_owned(),
+            metadata: "{}".to_owned(),
+            deleted: true,
+            now_ms,
+        }
+    }
+}
+
+/// A failure of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The database URL is neither `sqlite:` nor `postgres://`, or does not parse.
+    #[error("invalid database URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The SQLite file's folder cannot be created or locked.
+    #[error("cannot use the database file {path}: {source}")]
+    File {
+        /// The path involved.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+    /// The database cannot be reached or rejected a statement.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The schema migrations failed.
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// Where entries are stored. Implementations are cheap to share across tasks.
+#[async_trait]
+pub trait Backend: Send + Sync + fmt::Debug {
+    /// The current row of `key`, tombstones included; `None` if it was never written.
+    async fn read(&self, key: &EntryKey) -> Result<Option<Entry>, BackendError>;
+
+    /// Writes unconditionally; the last writer wins. Returns the new version.
+    async fn write(&self, key: &EntryKey, write: &Write) -> Result<Version, BackendError>;
+
+    /// Writes only if the key is still at `expected` (`None`: the key has no row). Returns
+    /// the new version, or `None` when another writer got there first. `created_ms` is the
+    /// creation time the new version carries.
+    async fn write_if(
+        &self,
+        key: &EntryKey,
+        expected: Option<&Version>,
+        created_ms: i64,
+        write: &Write,
+    ) -> Result<Option<Version>, BackendError>;
+}
+
+/// How to open a backend.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Connections in the PostgreSQL pool; size it to the machine, not to the coroutines.
+    pub postgres_pool_size: u32,
+    /// A PostgreSQL schema to create and use instead of the default search path.
+    pub postgres_schema: Option<String>,
+    /// SQLite's `synchronous` setting.
+    pub sqlite_sync: SqliteSync,
+    /// How long to wait for a connection or a lock before failing.
+    pub timeout: Duration,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        Self {
+            postgres_pool_size: 8,
+            postgres_schema: None,
+            sqlite_sync: SqliteSync::Normal,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The database used when none is configured: a SQLite file under the working directory.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://.blox/datastore.sqlite3";
+
+/// Opens the backend a URL names (`sqlite://path` or `postgres://...`) and applies its
+/// migrations.
+pub async fn open(url: &str, options: &OpenOptions) -> Result<Arc<dyn Backend>, BackendError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PostgresBackend::open(url, options).await?))
+    } else if let Some(path) = url
+        .strip_prefix("sqlite://")
+        .or(url.strip_prefix("sqlite:"))
+    {
+        if path.is_empty() {
+            return Err(BackendError::InvalidUrl {
+                url: url.to_owned(),
+                reason: "no file path after sqlite://".to_owned(),
+            });
+        }
+        Ok(Arc::new(SqliteBackend::open(path.as_ref(), options).await?))
+    } else {
+        Err(BackendError::InvalidUrl {
+            url: url.to_owned(),
+            reason: "expected sqlite://PATH or postgres://...".to_owned(),
+        })
+    }
+}
+
+/// The statements one SQL dialect runs. Parameters, in order: the five key columns, then what
+/// each statement names.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Statements {
+    /// Reads a key's row. Returns value, user_ids, metadata, version_seq, created_ms,
+    /// updated_ms, deleted.
+    pub read: &'static str,
+    /// Upserts a key (value, user_ids, metadata, now_ms, deleted), returning version_seq,
+    /// created_ms, updated_ms.
+    pub write: &'static str,
+    /// Inserts a key only if it has no row (value, user_ids, metadata, created_ms, now_ms,
+    /// deleted).
+    pub insert_if_absent: &'static str,
+    /// Updates a key only at the expected sequence (value, user_ids, metadata, expected_seq,
+    /// new_seq, created_ms, now_ms, deleted).
+    pub update_if_seq: &'static str,
+}
+
+type Arguments<DB> = <DB as sqlx::Database>::Arguments;
+
+/// Binds the five key columns.
+fn bind_key<'q, DB>(
+    query: sqlx::query::Query<'q, DB, Arguments<DB>>,
+    key: &EntryKey,
+) -> sqlx::query::Query<'q, DB, Arguments<DB>>
+where
+    DB: sqlx::Database,
+    i64: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    i16: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    String: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+{
+    query
+        .bind(key.universe)
+        .bind(key.kind as i16)
+        .bind(key.store.clone())
+        .bind(key.scope.clone())
+        .bind(key.key.clone())
+}
+
+/// Binds a write's value, user ids and metadata.
+fn bind_payload<'q, DB>(
+    query: sqlx::query::Query<'q, DB, Arguments<DB>>,
+    write: &Write,
+) -> sqlx::query::Query<'q, DB, Arguments<DB>>
+where
+    DB: sqlx::Database,
+    String: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+{
+    query
+        .bind(write.value.clone())
+        .bind(write.user_ids.clone())
+        .bind(write.metadata.clone())
+}
+
+fn entry_from_row<R>(row: &R) -> Result<Entry, sqlx::Error>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    String: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    bool: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(Entry {
+        value: row.try_get(0)?,
+        user_ids: row.try_get(1)?,
+        metadata: row.try_get(2)?,
+        version: Version {
+            seq: row.try_get(3)?,
+            created_ms: row.try_get(4)?,
+            updated_ms: row.try_get(5)?,
+        },
+        deleted: row.try_get(6)?,
+    })
+}
+
+fn version_from_row<R>(row: &R) -> Result<Version, sqlx::Error>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    i64: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(Version {
+        seq: row.try_get(0)?,
+        created_ms: row.try_get(1)?,
+        updated_ms: row.try_get(2)?,
+    })
+}
+
+/// Implements [`Backend`] for a dialect from its pools and [`Statements`].
+macro_rules! sql_backend {
+    ($backend:ty, $db:ty, $statements:expr, read_pool = $read:ident, write_pool = $write:ident) => {
+        #[async_trait::async_trait]
+        impl $crate::backend::Backend for $backend {
+            async fn read(
+                &self,
+                key: &$crate::backend::EntryKey,
+            ) -> Result<Option<$crate::backend::Entry>, $crate::backend::BackendError> {
+                let query = $crate::backend::bind_key(sqlx::query::<$db>($statements.read), key);
+                let row = query.fetch_optional(&self.$read).await?;
+                Ok(row
+                    .as_ref()
+                    .map($crate::backend::entry_from_row)
+                    .transpose()?)
+            }
+
+            async fn write(
+                &self,
+                key: &$crate::backend::EntryKey,
+                write: &$crate::backend::Write,
+            ) -> Result<$crate::backend::Version, $crate::backend::BackendError> {
+                let query = $crate::backend::bind_key(sqlx::query::<$db>($statements.write), key);
+                let row = $crate::backend::bind_payload(query, write)
+                    .bind(write.now_ms)
+                    .bind(write.deleted)
+                    .fetch_one(&self.$write)
+                    .await?;
+                Ok($crate::backend::version_from_row(&row)?)
+            }
+
+            async fn write_if(
+                &self,
+                key: &$crate::backend::EntryKey,
+                expected: Option<&$crate::backend::Version>,
+                created_ms: i64,
+                write: &$crate::backend::Write,
+            ) -> Result<Option<$crate::backend::Version>, $crate::backend::BackendError> {
+                let (statement, seq) = match expected {
+                    None => ($statements.insert_if_absent, 1),
+                    Some(version) => ($statements.update_if_seq, version.seq + 1),
+                };
+                let query = $crate::backend::bind_key(sqlx::query::<$db>(statement), key);
+                let mut query = $crate::backend::bind_payload(query, write);
+                if let Some(version) = expected {
+                    query = query.bind(version.seq).bind(seq);
+                }
+                let done = query
+                    .bind(created_ms)
+                    .bind(write.now_ms)
+                    .bind(write.deleted)
+                    .execute(&self.$write)
+                    .await?;
+                Ok(
+                    (done.rows_affected() == 1).then_some($crate::backend::Version {
+                        seq,
+                        created_ms,
+                        updated_ms: write.now_ms,
+                    }),
+                )
+            }
+        }
+    };
+}
+use sql_backend;

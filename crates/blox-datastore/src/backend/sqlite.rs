@@ -1,0 +1,129 @@
+//! The SQLite backend: the zero-set-up default, one file under the working directory.
+//!
+//! WAL journal, so readers never block the writer. One writer connection: SQLite allows one
+//! writer at a time anyway, and a single connection avoids its lock back-off (measured: same
+//! throughput as four writers, without their 130 ms p99.9). Readers get a small pool of their
+//! own. `synchronous=NORMAL` survives a process crash (`kill -9` loses nothing that was
+//! acknowledged); `FULL` also survives power loss. Several processes may share the file: the
+//! busy timeout makes their writers queue for the lock, and the compare-and-set writes keep
+//! read-modify-write operations exact.
+
+use std::path::Path;
+use std::str::FromStr as _;
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+
+use super::{BackendError, OpenOptions, Statements, sql_backend};
+
+/// SQLite's durability setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SqliteSync {
+    /// Survives a process crash; a power loss may lose the last transactions.
+    #[default]
+    Normal,
+    /// Survives a power loss too, at a cost in write throughput.
+    Full,
+}
+
+impl std::str::FromStr for SqliteSync {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.to_ascii_lowercase().as_str() {
+            "normal" => Ok(Self::Normal),
+            "full" => Ok(Self::Full),
+            other => Err(format!("expected normal or full, got {other:?}")),
+        }
+    }
+}
+
+/// The statements of the SQLite dialect.
+#[doc(hidden)]
+pub const STATEMENTS: Statements = Statements {
+    read: "SELECT value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted \
+           FROM blox_entries WHERE universe_id = ?1 AND store_kind = ?2 AND store_name = ?3 \
+           AND scope = ?4 AND entry_key = ?5",
+    write: "INSERT INTO blox_entries (universe_id, store_kind, store_name, scope, entry_key, \
+            value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted) \
+            VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1, ?9, ?9, ?10) \
+            ON CONFLICT (universe_id, store_kind, store_name, scope, entry_key) DO UPDATE SET \
+            value = excluded.value, user_ids = excluded.user_ids, metadata = excluded.metadata, \
+            version_seq = blox_entries.version_seq + 1, \
+            created_ms = CASE WHEN blox_entries.deleted THEN excluded.created_ms \
+                         ELSE blox_entries.created_ms END, \
+            updated_ms = excluded.updated_ms, deleted = excluded.deleted \
+            RETURNING version_seq, created_ms, updated_ms",
+    insert_if_absent: "INSERT INTO blox_entries (universe_id, store_kind, store_name, scope, \
+            entry_key, value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted) \
+            VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1, ?9, ?10, ?11) ON CONFLICT DO NOTHING",
+    update_if_seq: "UPDATE blox_entries SET value = ?6, user_ids = ?7, metadata = ?8, \
+            version_seq = ?10, created_ms = ?11, updated_ms = ?12, deleted = ?13 \
+            WHERE universe_id = ?1 AND store_kind = ?2 AND store_name = ?3 AND scope = ?4 \
+            AND entry_key = ?5 AND version_seq = ?9",
+};
+
+/// Entries in a SQLite file.
+#[derive(Debug, Clone)]
+pub struct SqliteBackend {
+    readers: SqlitePool,
+    writer: SqlitePool,
+}
+
+impl SqliteBackend {
+    /// Opens (creating if needed) the database file at `path` and migrates it.
+    pub async fn open(path: &Path, options: &OpenOptions) -> Result<Self, BackendError> {
+        let file_error = |source| BackendError::File {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(folder) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(folder).map_err(file_error)?;
+        }
+        let connect = SqliteConnectOptions::from_str("sqlite:")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(match options.sqlite_sync {
+                SqliteSync::Normal => SqliteSynchronous::Normal,
+                SqliteSync::Full => SqliteSynchronous::Full,
+            })
+            .busy_timeout(options.timeout);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(options.timeout)
+            .connect_with(connect.clone())
+            .await?;
+
+        // sqlx takes no lock for SQLite migrations; a lock file keeps servers that start
+        // together from applying the same migration twice.
+        let lock_path = path.with_extension("migrate-lock");
+        let lock = std::fs::File::create(&lock_path).map_err(|source| BackendError::File {
+            path: lock_path.clone(),
+            source,
+        })?;
+        lock.lock().map_err(|source| BackendError::File {
+            path: lock_path,
+            source,
+        })?;
+        let migrated = sqlx::migrate!("./migrations/sqlite").run(&writer).await;
+        drop(lock);
+        migrated?;
+
+        let readers = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(options.timeout)
+            .connect_with(connect)
+            .await?;
+        Ok(Self { readers, writer })
+    }
+}
+
+sql_backend!(
+    SqliteBackend,
+    sqlx::Sqlite,
+    STATEMENTS,
+    read_pool = readers,
+    write_pool = writer
+);

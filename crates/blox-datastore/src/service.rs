@@ -1,0 +1,831 @@
+//! The Luau objects: `DataStoreService`, `DataStore`, `DataStoreKeyInfo` and the option
+//! classes, with Roblox's members, return values, yielding and errors.
+//!
+//! Every `*Async` method validates its arguments first (a bad call raises at once and writes
+//! nothing), then yields once unconditionally (Roblox libraries connect to their own signals
+//! after the call and hang if it returns without yielding; it also makes a call from a
+//! non-yieldable context, such as an UpdateAsync transform, fail before any work is sent),
+//! then hands the database work to the database runtime and parks the calling thread on the
+//! join handle. The VM thread only converts values; it never waits on the database.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use mlua::{
+    AnyUserData, Function, IntoLuaMulti, Lua, MetaMethod, MultiValue, Table, UserData,
+    UserDataFields, UserDataMethods, UserDataRef, Value,
+};
+
+use crate::DataStoreError;
+use crate::backend::{Backend, Entry, EntryKey, StoreKind, Version, Write};
+use crate::codec::{self, Stored};
+use crate::operations::{self, OperationError};
+
+/// Limits on keys, names and scopes, in bytes (`string.len`).
+const NAME_LIMIT: usize = 50;
+/// The most user ids one write may carry.
+const USER_ID_LIMIT: usize = 4;
+/// Metadata limits: key, value and whole serialized dictionary.
+const METADATA_KEY_LIMIT: usize = 50;
+const METADATA_VALUE_LIMIT: usize = 250;
+const METADATA_LIMIT: usize = 300;
+/// .NET ticks (100 ns) at the Unix epoch, for Roblox-shaped version strings.
+const UNIX_EPOCH_TICKS: i64 = 621_355_968_000_000_000;
+
+/// What every DataStore object of one VM shares: where data lives and who it belongs to.
+#[derive(Debug)]
+pub struct DataStoreContext {
+    backend: Arc<dyn Backend>,
+    runtime: tokio::runtime::Handle,
+    universe: i64,
+}
+
+impl DataStoreContext {
+    /// A context storing into `backend` for the game `universe`, running database work on
+    /// `runtime` (a multi-thread runtime other than the VM's).
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        runtime: tokio::runtime::Handle,
+        universe: i64,
+    ) -> Rc<Self> {
+        Rc::new(Self {
+            backend,
+            runtime,
+            universe,
+        })
+    }
+
+    /// Runs `work` on the database runtime and waits for it without blocking the VM thread.
+    async fn run<T, F, W>(&self, api: &'static str, store: &str, work: W) -> mlua::Result<T>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, OperationError>> + Send + 'static,
+        W: FnOnce(Arc<dyn Backend>) -> F,
+    {
+        let joined = self.runtime.spawn(work(Arc::clone(&self.backend))).await;
+        let failure = match joined {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(OperationError::Rejected(error))) => return Err(error.into()),
+            Ok(Err(OperationError::Backend(error))) => error.to_string(),
+            Err(join_error) => join_error.to_string(),
+        };
+        tracing::error!(api, store, error = %failure, "DataStore request failed");
+        Err(DataStoreError::Internal {
+            api,
+            store: store.to_owned(),
+        }
+        .into())
+    }
+}
+
+/// Completes on its second poll: the guaranteed yield of every `*Async` call.
+struct YieldOnce(bool);
+
+impl Future for YieldOnce {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            Poll::Ready(())
+        } else {
+            self.0 = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    }
+}
+
+fn yield_once() -> YieldOnce {
+    YieldOnce(false)
+}
+
+/// Adds what every DataStore class shares as an Instance: `typeof` is "Instance", `Name`,
+/// `ClassName`, `tostring`, and Roblox's error for an unknown member.
+macro_rules! instance_fields {
+    ($fields:ident, $class:expr, $name:expr) => {
+        $fields.add_meta_field(MetaMethod::Type, "Instance");
+        $fields.add_field("ClassName", $class);
+        $fields.add_field_method_get("Name", |_, this| Ok($name(this)));
+    };
+}
+
+macro_rules! instance_methods {
+    ($methods:ident, $class:expr, $name:expr) => {
+        $methods.add_meta_method(MetaMethod::ToString, |_, this, ()| Ok($name(this)));
+        $methods.add_meta_method(MetaMethod::Index, |_, this, member: Value| {
+            Err::<(), _>(mlua::Error::RuntimeError(format!(
+                "{} is not a valid member of {} \"{}\"",
+                member.to_string().unwrap_or_default(),
+                $class,
+                $name(this)
+            )))
+        });
+        $methods.add_method("IsA", |_, _, class: String| {
+            Ok(class == $class || class == "Instance")
+        });
+    };
+}
+
+/// `game:GetService("DataStoreService")`.
+#[derive(Debug)]
+pub struct DataStoreService {
+    context: Rc<DataStoreContext>,
+    stores: RefCell<HashMap<(String, String, bool), AnyUserData>>,
+}
+
+impl DataStoreService {
+    /// The service over `context`.
+    pub fn new(context: Rc<DataStoreContext>) -> Self {
+        Self {
+            context,
+            stores: RefCell::default(),
+        }
+    }
+
+    fn store(
+        &self,
+        lua: &Lua,
+        name: String,
+        scope: String,
+        all_scopes: bool,
+    ) -> mlua::Result<AnyUserData> {
+        let cache_key = (name.clone(), scope.clone(), all_scopes);
+        if let Some(store) = self.stores.borrow().get(&cache_key) {
+            return Ok(store.clone());
+        }
+        let store = lua.create_userdata(DataStore {
+            context: Rc::clone(&self.context),
+            name,
+            scope,
+            all_scopes,
+        })?;
+        self.stores.borrow_mut().insert(cache_key, store.clone());
+        Ok(store)
+    }
+}
+
+fn service_name(_: &DataStoreService) -> &'static str {
+    "DataStoreService"
+}
+
+impl UserData for DataStoreService {
+    fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
+        instance_fields!(fields, "DataStoreService", service_name);
+    }
+
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        instance_methods!(methods, "DataStoreService", service_name);
+        methods.add_method(
+            "GetDataStore",
+            |lua, service, (name, scope, options): (Value, Value, Option<AnyUserData>)| {
+                let all_scopes = match options {
+                    Some(options) => options
+                        .borrow::<DataStoreOptions>()
+                        .map_err(|_| {
+                            cast_error(&Value::UserData(options.clone()), "DataStoreOptions")
+                        })?
+                        .all_scopes
+                        .get(),
+                    None => false,
+                };
+                let name = name_argument(lua, name, 1)?;
+                if name.is_empty() {
+                    return Err(DataStoreError::NameEmpty.into());
+                }
+                if name.len() > NAME_LIMIT {
+                    return Err(DataStoreError::NameTooLong.into());
+                }
+                let scope = match scope {
+                    Value::Nil if all_scopes => String::new(),
+                    Value::Nil => "global".to_owned(),
+                    other => name_argument(lua, other, 2)?,
+                };
+                if all_scopes {
+                    if !scope.is_empty() {
+                        return Err(DataStoreError::ScopeWithAllScopes.into());
+                    }
+                } else if scope.is_empty() {
+                    return Err(DataStoreError::ScopeEmpty.into());
+                }
+                if scope.len() > NAME_LIMIT {
+                    return Err(DataStoreError::ScopeTooLong.into());
+                }
+                service.store(lua, name, scope, all_scopes)
+            },
+        );
+        methods.add_method("GetGlobalDataStore", |lua, service, ()| {
+            // The global store has no name of its own; "" can never collide with a named one.
+            service.store(lua, String::new(), "u".to_owned(), false)
+        });
+        methods.add_method("GetRequestBudgetForRequestType", |_, _, _: Value| {
+            // Blox does not throttle yet: report the documented per-minute base budget.
+            Ok(60)
+        });
+    }
+}
+
+/// A name, scope or key argument: strings as they are, numbers as `tostring` writes them.
+fn name_argument(lua: &Lua, value: Value, position: usize) -> mlua::Result<String> {
+    match value {
+        Value::String(text) => text
+            .to_str()
+            .map(|text| text.to_owned())
+            .map_err(|_| cast_error(&Value::String(text.clone()), "string").into()),
+        Value::Integer(_) | Value::Number(_) => Ok(lua
+            .coerce_string(value)?
+            .map(|text| text.to_string_lossy())
+            .unwrap_or_default()),
+        Value::Nil => Err(DataStoreError::ArgumentMissing(position).into()),
+        other => Err(cast_error(&other, "string").into()),
+    }
+}
+
+fn cast_error(value: &Value, to: &'static str) -> DataStoreError {
+    DataStoreError::Cast {
+        from: match value {
+            Value::UserData(userdata) => userdata
+                .type_name()
+                .map(|name| name.to_string_lossy())
+                .unwrap_or_else(|_| "userdata".to_owned()),
+            Value::Number(_) | Value::Integer(_) => "double".to_owned(),
+            Value::Boolean(_) => "bool".to_owned(),
+            other => other.type_name().to_owned(),
+        },
+        to,
+    }
+}
+
+/// A `DataStore` (from GetDataStore or GetGlobalDataStore).
+#[derive(Debug)]
+pub struct DataStore {
+    context: Rc<DataStoreContext>,
+    name: String,
+    scope: String,
+    all_scopes: bool,
+}
+
+impl DataStore {
+    /// Validates a key argument and builds the entry's full identity.
+    fn entry_key(&self, lua: &Lua, key: Value) -> mlua::Result<EntryKey> {
+        let key = name_argument(lua, key, 1)?;
+        let (scope, key) = if self.all_scopes {
+            match key.split_once('/') {
+                Some((scope, key)) if !scope.is_empty() => (scope.to_owned(), key.to_owned()),
+                _ if key.is_empty() => return Err(DataStoreError::KeyNameEmpty.into()),
+                _ => return Err(DataStoreError::KeyNotScoped.into()),
+            }
+        } else {
+            (self.scope.clone(), key)
+        };
+        if key.is_empty() {
+            return Err(DataStoreError::KeyNameEmpty.into());
+        }
+        if key.len() > NAME_LIMIT {
+            return Err(DataStoreError::KeyNameLimit.into());
+        }
+        Ok(EntryKey {
+            universe: self.context.universe,
+            kind: StoreKind::Standard,
+            store: self.name.clone(),
+            scope,
+            key,
+        })
+    }
+
+    async fn get(this: UserDataRef<Self>, lua: Lua, key: Value) -> mlua::Result<MultiValue> {
+        let key = this.entry_key(&lua, key)?;
+        yield_once().await;
+        let found = this
+            .context
+            .run("GetAsync", &this.name, move |backend| async move {
+                operations::get(backend.as_ref(), &key).await
+            })
+            .await?;
+        value_and_info(&lua, found)
+    }
+
+    async fn set(this: UserDataRef<Self>, lua: Lua, args: SetArgs) -> mlua::Result<String> {
+        let key = this.entry_key(&lua, args.key)?;
+        if args.value.is_nil() {
+            return Err(DataStoreError::ArgumentMissing(2).into());
+        }
+        let value = codec::encode(&args.value)?;
+        let user_ids = user_ids_json(args.user_ids)?;
+        let metadata = metadata_json(options_metadata(args.options, "DataStoreSetOptions")?)?;
+        yield_once().await;
+        let version = this
+            .context
+            .run("SetAsync", &this.name, move |backend| async move {
+                let write = Write {
+                    value,
+                    user_ids,
+                    metadata,
+                    deleted: false,
+                    now_ms: operations::now_ms(),
+                };
+                Ok(backend.write(&key, &write).await?)
+            })
+            .await?;
+        Ok(version_string(&version))
+    }
+
+    async fn update(
+        this: UserDataRef<Self>,
+        lua: Lua,
+        (key, transform): (Value, Value),
+    ) -> mlua::Result<MultiValue> {
+        let key = Arc::new(this.entry_key(&lua, key)?);
+        let Value::Function(transform) = transform else {
+            return Err(match transform {
+                Value::Nil => DataStoreError::ArgumentMissing(2),
+                other => cast_error(&other, "function"),
+            }
+            .into());
+        };
+        yield_once().await;
+        loop {
+            let read_key = Arc::clone(&key);
+            let previous = this
+                .context
+                .run("UpdateAsync", &this.name, move |backend| async move {
+                    let entry = backend.read(&read_key).await?;
+                    let live = match &entry {
+                        Some(entry) if !entry.deleted => Some(codec::decode(&entry.value)?),
+                        _ => None,
+                    };
+                    Ok((entry, live))
+                })
+                .await?;
+            let (entry, live) = previous;
+            let (current, info) = match (&entry, &live) {
+                (Some(entry), Some(value)) => (
+                    codec::to_lua(&lua, value)?,
+                    Value::UserData(lua.create_userdata(KeyInfo::from_entry(entry))?),
+                ),
+                _ => (Value::Nil, Value::Nil),
+            };
+            let Some(write) = run_transform(&transform, current, info)? else {
+                return Value::Nil.into_lua_multi(&lua);
+            };
+            let (value, user_ids, metadata) = write;
+            let now_ms = operations::now_ms();
+            let created = operations::created_ms(entry.as_ref(), now_ms);
+            let write = Write {
+                value,
+                user_ids,
+                metadata,
+                deleted: false,
+                now_ms,
+            };
+            let write_key = Arc::clone(&key);
+            let expected = entry.as_ref().map(|entry| entry.version);
+            let (written, write) = this
+                .context
+                .run("UpdateAsync", &this.name, move |backend| async move {
+                    let written = backend
+                        .write_if(&write_key, expected.as_ref(), created, &write)
+                        .await?;
+                    Ok((written, write))
+                })
+                .await?;
+            if let Some(version) = written {
+                let stored = codec::decode(&write.value)?;
+                let info = KeyInfo {
+                    version,
+                    user_ids: write.user_ids,
+                    metadata: write.metadata,
+                };
+                return (codec::to_lua(&lua, &stored)?, info).into_lua_multi(&lua);
+            }
+        }
+    }
+
+    async fn increment(
+        this: UserDataRef<Self>,
+        lua: Lua,
+        args: SetArgs,
+    ) -> mlua::Result<MultiValue> {
+        let key = this.entry_key(&lua, args.key)?;
+        let delta = match &args.value {
+            Value::Nil => 1,
+            Value::Integer(i) => *i,
+            // Roblox's `int` parameter: mocks and observed behaviour round to nearest.
+            Value::Number(n) if n.is_finite() => (n + 0.5).floor() as i64,
+            other => return Err(cast_error(other, "int").into()),
+        };
+        let user_ids = user_ids_json(args.user_ids)?;
+        let metadata = metadata_json(options_metadata(args.options, "DataStoreIncrementOptions")?)?;
+        yield_once().await;
+        let (value, version) = this
+            .context
+            .run("IncrementAsync", &this.name, move |backend| async move {
+                let (value, version) = operations::increment(
+                    backend.as_ref(),
+                    &key,
+                    delta,
+                    user_ids.clone(),
+                    metadata.clone(),
+                )
+                .await?;
+                Ok((value, (version, user_ids, metadata)))
+            })
+            .await?;
+        let (version, user_ids, metadata) = version;
+        let info = KeyInfo {
+            version,
+            user_ids,
+            metadata,
+        };
+        (value as f64, info).into_lua_multi(&lua)
+    }
+
+    async fn remove(this: UserDataRef<Self>, lua: Lua, key: Value) -> mlua::Result<MultiValue> {
+        let key = this.entry_key(&lua, key)?;
+        yield_once().await;
+        let removed = this
+            .context
+            .run("RemoveAsync", &this.name, move |backend| async move {
+                operations::remove(backend.as_ref(), &key).await
+            })
+            .await?;
+        value_and_info(&lua, removed)
+    }
+}
+
+/// The arguments shared by SetAsync and IncrementAsync: key, value (or delta), user ids and
+/// an options object.
+struct SetArgs {
+    key: Value,
+    value: Value,
+    user_ids: Value,
+    options: Option<AnyUserData>,
+}
+
+impl mlua::FromLuaMulti for SetArgs {
+    fn from_lua_multi(values: MultiValue, lua: &Lua) -> mlua::Result<Self> {
+        let (key, value, user_ids, options) =
+            <(Value, Value, Value, Value)>::from_lua_multi(values, lua)?;
+        let options = match options {
+            Value::Nil => None,
+            Value::UserData(options) => Some(options),
+            other => return Err(cast_error(&other, "Instance").into()),
+        };
+        Ok(Self {
+            key,
+            value,
+            user_ids,
+            options,
+        })
+    }
+}
+
+/// Calls an UpdateAsync transform, which may not yield. Returns `None` when it cancels (its
+/// first result is nil), else the encoded value, user ids and metadata.
+fn run_transform(
+    transform: &Function,
+    current: Value,
+    info: Value,
+) -> mlua::Result<Option<(String, String, String)>> {
+    let results = transform
+        .call::<MultiValue>((current, info))
+        .map_err(|error| {
+            if blox_scheduler::error_message(&error).contains("attempt to yield") {
+                DataStoreError::TransformYielded.into()
+            } else {
+                error
+            }
+        })?;
+    let mut results = results.into_iter();
+    let value = results.next().unwrap_or(Value::Nil);
+    match &value {
+        Value::Nil => return Ok(None),
+        Value::Function(_)
+        | Value::Thread(_)
+        | Value::UserData(_)
+        | Value::LightUserData(_)
+        | Value::Vector(_) => {
+            return Err(DataStoreError::ValueNotAllowed(codec_type_name(&value)).into());
+        }
+        _ => {}
+    }
+    let encoded = codec::encode(&value)?;
+    let user_ids = user_ids_json(results.next().unwrap_or(Value::Nil))?;
+    let metadata = metadata_json(results.next().unwrap_or(Value::Nil))?;
+    Ok(Some((encoded, user_ids, metadata)))
+}
+
+fn codec_type_name(value: &Value) -> String {
+    match value {
+        Value::UserData(userdata) => userdata
+            .type_name()
+            .map(|name| name.to_string_lossy())
+            .unwrap_or_else(|_| "userdata".to_owned()),
+        Value::Vector(_) => "Vector3".to_owned(),
+        other => other.type_name().to_owned(),
+    }
+}
+
+fn value_and_info(lua: &Lua, found: Option<(Stored, Entry)>) -> mlua::Result<MultiValue> {
+    match found {
+        Some((value, entry)) => {
+            (codec::to_lua(lua, &value)?, KeyInfo::from_entry(&entry)).into_lua_multi(lua)
+        }
+        None => (Value::Nil, Value::Nil).into_lua_multi(lua),
+    }
+}
+
+/// Validates a userIds argument and returns it as a JSON array.
+fn user_ids_json(value: Value) -> Result<String, DataStoreError> {
+    let table = match value {
+        Value::Nil => return Ok("[]".to_owned()),
+        Value::Table(table) => table,
+        _ => return Err(DataStoreError::UserIdFormat),
+    };
+    let length = table.raw_len();
+    let mut ids = Vec::with_capacity(length);
+    for pair in table.pairs::<Value, Value>() {
+        let (key, id) = pair.map_err(|_| DataStoreError::UserIdFormat)?;
+        let position = match key {
+            Value::Integer(i) => i as f64,
+            Value::Number(n) => n,
+            _ => return Err(DataStoreError::UserIdFormat),
+        };
+        let id = match id {
+            Value::Integer(i) => i as f64,
+            Value::Number(n) if n.is_finite() && n.fract() == 0.0 => n,
+            _ => return Err(DataStoreError::UserIdFormat),
+        };
+        if position < 1.0 || position > length as f64 || position.fract() != 0.0 {
+            return Err(DataStoreError::UserIdFormat);
+        }
+        ids.push((position as usize, id));
+    }
+    if ids.len() > USER_ID_LIMIT {
+        return Err(DataStoreError::UserIdLimitExceeded);
+    }
+    ids.sort_by_key(|(position, _)| *position);
+    let mut json = String::from("[");
+    for (index, (_, id)) in ids.iter().enumerate() {
+        if index > 0 {
+            json.push(',');
+        }
+        codec::write_number(&mut json, *id);
+    }
+    json.push(']');
+    Ok(json)
+}
+
+/// Validates a metadata dictionary and returns it as a JSON object.
+fn metadata_json(value: Value) -> Result<String, DataStoreError> {
+    let table = match value {
+        Value::Nil => return Ok("{}".to_owned()),
+        Value::Table(table) => table,
+        _ => return Err(DataStoreError::MetadataFormat),
+    };
+    for pair in table.pairs::<Value, Value>() {
+        let (key, item) = pair.map_err(|_| DataStoreError::MetadataFormat)?;
+        let Value::String(key) = key else {
+            return Err(DataStoreError::MetadataFormat);
+        };
+        if key.as_bytes().len() > METADATA_KEY_LIMIT {
+            return Err(DataStoreError::AttributeSizeTooLarge(METADATA_KEY_LIMIT));
+        }
+        if codec::encode(&item)?.len() > METADATA_VALUE_LIMIT {
+            return Err(DataStoreError::AttributeSizeTooLarge(METADATA_VALUE_LIMIT));
+        }
+    }
+    let json = codec::encode(&Value::Table(table))?;
+    if json.len() > METADATA_LIMIT {
+        return Err(DataStoreError::AttributeSizeTooLarge(METADATA_LIMIT));
+    }
+    // An empty table encodes as an array; metadata is always a dictionary.
+    Ok(if json == "[]" { "{}".to_owned() } else { json })
+}
+
+/// The metadata table held by a DataStoreSetOptions or DataStoreIncrementOptions.
+fn options_metadata(options: Option<AnyUserData>, class: &'static str) -> mlua::Result<Value> {
+    let Some(options) = options else {
+        return Ok(Value::Nil);
+    };
+    let holder = options
+        .borrow::<MetadataOptions>()
+        .ok()
+        .filter(|holder| holder.class == class)
+        .ok_or_else(|| cast_error(&Value::UserData(options.clone()), class))?;
+    Ok(holder
+        .metadata
+        .borrow()
+        .clone()
+        .map_or(Value::Nil, Value::Table))
+}
+
+/// Roblox's version string: object creation ticks, sequence, version ticks (reference §9.7).
+pub fn version_string(version: &Version) -> String {
+    let ticks = |ms: i64| ms * 10_000 + UNIX_EPOCH_TICKS;
+    format!(
+        "{:016X}.{:010}.{:016X}.01",
+        ticks(version.created_ms),
+        version.seq,
+        ticks(version.updated_ms)
+    )
+}
+
+fn store_name(store: &DataStore) -> String {
+    store.name.clone()
+}
+
+impl UserData for DataStore {
+    fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
+        instance_fields!(fields, "DataStore", store_name);
+    }
+
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        instance_methods!(methods, "DataStore", store_name);
+        methods.add_async_method("GetAsync", |lua, this, (key, _options): (Value, Value)| {
+            DataStore::get(this, lua, key)
+        });
+        methods.add_async_method("SetAsync", |lua, this, args: SetArgs| {
+            DataStore::set(this, lua, args)
+        });
+        methods.add_async_method("UpdateAsync", |lua, this, args: (Value, Value)| {
+            DataStore::update(this, lua, args)
+        });
+        methods.add_async_method("IncrementAsync", |lua, this, args: SetArgs| {
+            DataStore::increment(this, lua, args)
+        });
+        methods.add_async_method("RemoveAsync", |lua, this, key: Value| {
+            DataStore::remove(this, lua, key)
+        });
+    }
+}
+
+/// `DataStoreKeyInfo`: the service metadata of one version.
+#[derive(Debug, Clone)]
+pub struct KeyInfo {
+    version: Version,
+    user_ids: String,
+    metadata: String,
+}
+
+impl KeyInfo {
+    fn from_entry(entry: &Entry) -> Self {
+        Self {
+            version: entry.version,
+            user_ids: entry.user_ids.clone(),
+            metadata: entry.metadata.clone(),
+        }
+    }
+}
+
+fn key_info_name(_: &KeyInfo) -> &'static str {
+    "DataStoreKeyInfo"
+}
+
+impl UserData for KeyInfo {
+    fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
+        instance_fields!(fields, "DataStoreKeyInfo", key_info_name);
+        fields.add_field_method_get("CreatedTime", |_, info| Ok(info.version.created_ms));
+        fields.add_field_method_get("UpdatedTime", |_, info| Ok(info.version.updated_ms));
+        fields.add_field_method_get("Version", |_, info| Ok(version_string(&info.version)));
+    }
+
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        instance_methods!(methods, "DataStoreKeyInfo", key_info_name);
+        methods.add_method("GetUserIds", |lua, info, ()| {
+            codec::to_lua(lua, &codec::decode(&info.user_ids)?)
+        });
+        methods.add_method("GetMetadata", |lua, info, ()| {
+            codec::to_lua(lua, &codec::decode(&info.metadata)?)
+        });
+    }
+}
+
+/// `DataStoreOptions`: `AllScopes` and the no-longer-effective experimental features.
+#[derive(Debug, Default)]
+pub struct DataStoreOptions {
+    all_scopes: Cell<bool>,
+}
+
+fn options_name(_: &DataStoreOptions) -> &'static str {
+    "DataStoreOptions"
+}
+
+impl UserData for DataStoreOptions {
+    fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
+        instance_fields!(fields, "DataStoreOptions", options_name);
+        fields.add_field_method_get("AllScopes", |_, options| Ok(options.all_scopes.get()));
+        fields.add_field_method_set("AllScopes", |_, options, value: bool| {
+            options.all_scopes.set(value);
+            Ok(())
+        });
+    }
+
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        instance_methods!(methods, "DataStoreOptions", options_name);
+        methods.add_method("SetExperimentalFeatures", |_, _, _: Table| Ok(()));
+    }
+}
+
+/// `DataStoreGetOptions`: `UseCache` (accepted; Blox has no read cache yet, so every read
+/// goes to the database, as `UseCache = false` asks).
+#[derive(Debug)]
+pub struct DataStoreGetOptions {
+    use_cache: Cell<bool>,
+}
+
+fn get_options_name(_: &DataStoreGetOptions) -> &'static str {
+    "DataStoreGetOptions"
+}
+
+impl UserData for DataStoreGetOptions {
+    fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
+        instance_fields!(fields, "DataStoreGetOptions", get_options_name);
+        fields.add_field_method_get("UseCache", |_, options| Ok(options.use_cache.get()));
+        fields.add_field_method_set("UseCache", |_, options, value: bool| {
+            options.use_cache.set(value);
+            Ok(())
+        });
+    }
+
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        instance_methods!(methods, "DataStoreGetOptions", get_options_name);
+    }
+}
+
+/// `DataStoreSetOptions` and `DataStoreIncrementOptions`: a metadata holder.
+#[derive(Debug)]
+pub struct MetadataOptions {
+    class: &'static str,
+    metadata: RefCell<Option<Table>>,
+}
+
+fn metadata_options_name(options: &MetadataOptions) -> &'static str {
+    options.class
+}
+
+impl UserData for MetadataOptions {
+    fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
+        fields.add_meta_field(MetaMethod::Type, "Instance");
+        fields.add_field_method_get("ClassName", |_, options| Ok(options.class));
+        fields.add_field_method_get("Name", |_, options| Ok(options.class));
+    }
+
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_meta_method(MetaMethod::ToString, |_, options, ()| {
+            Ok(metadata_options_name(options))
+        });
+        methods.add_method("IsA", |_, options, class: String| {
+            Ok(class == options.class || class == "Instance")
+        });
+        methods.add_method("SetMetadata", |lua, options, attributes: Value| {
+            let Value::Table(attributes) = attributes else {
+                return Err(DataStoreError::MetadataFormat.into());
+            };
+            metadata_json(Value::Table(attributes.clone()))?;
+            let copy = lua.create_table()?;
+            for pair in attributes.pairs::<Value, Value>() {
+                let (key, value) = pair?;
+                copy.raw_set(key, value)?;
+            }
+            *options.metadata.borrow_mut() = Some(copy);
+            Ok(())
+        });
+        methods.add_method("GetMetadata", |lua, options, ()| {
+            let copy = lua.create_table()?;
+            if let Some(metadata) = options.metadata.borrow().as_ref() {
+                for pair in metadata.pairs::<Value, Value>() {
+                    let (key, value) = pair?;
+                    copy.raw_set(key, value)?;
+                }
+            }
+            Ok(copy)
+        });
+    }
+}
+
+/// `Instance.new` for the DataStore option classes; `None` for any other class.
+pub fn create_instance(lua: &Lua, class: &str) -> mlua::Result<Option<AnyUserData>> {
+    Ok(Some(match class {
+        "DataStoreOptions" => lua.create_userdata(DataStoreOptions::default())?,
+        "DataStoreGetOptions" => lua.create_userdata(DataStoreGetOptions {
+            use_cache: Cell::new(true),
+        })?,
+        "DataStoreSetOptions" | "DataStoreIncrementOptions" => {
+            let class = if class == "DataStoreSetOptions" {
+                "DataStoreSetOptions"
+            } else {
+                "DataStoreIncrementOptions"
+            };
+            lua.create_userdata(MetadataOptions {
+                class,
+                metadata: RefCell::default(),
+            })?
+        }
+        _ => return Ok(None),
+    }))
+}

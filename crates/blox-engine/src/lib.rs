@@ -1,0 +1,229 @@
+//! The Blox engine: one sandboxed Luau VM with Roblox's server globals (`game`, `Enum`,
+//! `DateTime`, `Instance`, `task`, `print`/`warn`) and the scheduler that runs its threads.
+//!
+//! [`Engine`] is the single entry point. It lives on one OS thread (Luau is single-threaded)
+//! and is driven by a Tokio current-thread runtime on that thread; database work goes to the
+//! separate runtime inside the [`DataStoreContext`] it is given.
+
+mod datetime;
+mod enums;
+mod services;
+
+use std::hash::{BuildHasher, Hasher};
+use std::io::Write as _;
+use std::rc::Rc;
+use std::time::Duration;
+
+use blox_datastore::DataStoreContext;
+use blox_scheduler::{Clock, Scheduler, ThreadError};
+use mlua::{
+    AnyUserData, Function, Lua, LuaOptions, MultiValue, ObjectLike as _, StdLib, Thread, Value,
+};
+
+pub use services::ServerIdentity;
+
+/// How long `game:BindToClose` callbacks may run on shutdown, as on Roblox.
+pub const CLOSE_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Why the engine could not set up a VM or start a script.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The script does not compile.
+    #[error("{0}")]
+    Syntax(String),
+    /// The VM itself failed (out of memory, broken setup).
+    #[error("Luau error: {0}")]
+    Lua(String),
+}
+
+impl From<mlua::Error> for EngineError {
+    fn from(error: mlua::Error) -> Self {
+        EngineError::Lua(blox_scheduler::error_message(&error))
+    }
+}
+
+/// One Luau VM with Roblox's server environment.
+pub struct Engine {
+    lua: Lua,
+    scheduler: Rc<Scheduler>,
+    game: AnyUserData,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("scheduler", &self.scheduler)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Builds the VM: globals, services, scheduler, then seals the global environment.
+    pub fn new(
+        identity: ServerIdentity,
+        datastore: Rc<DataStoreContext>,
+        clock: Rc<dyn Clock>,
+    ) -> Result<Self, EngineError> {
+        let lua = Lua::new_with(StdLib::ALL_SAFE, LuaOptions::default())?;
+        let scheduler = Scheduler::attach(&lua, clock)?;
+        let game = lua.create_userdata(services::DataModel::new(identity, datastore))?;
+        services::drive_frames(&game, &scheduler);
+        install_globals(&lua, &game)?;
+        lua.sandbox(true)?;
+        Ok(Self {
+            lua,
+            scheduler,
+            game,
+        })
+    }
+
+    /// The VM, for embedding and tests.
+    pub fn lua(&self) -> &Lua {
+        &self.lua
+    }
+
+    /// The scheduler driving the VM's threads.
+    pub fn scheduler(&self) -> &Rc<Scheduler> {
+        &self.scheduler
+    }
+
+    /// Compiles `source` as a server Script named `name` and starts it at once. Returns the
+    /// script's main thread.
+    pub fn start_script(&self, name: &str, source: &[u8]) -> Result<Thread, EngineError> {
+        let chunk = self
+            .lua
+            .load(source)
+            .set_name(format!("@{name}"))
+            .into_function()
+            .map_err(|error| EngineError::Syntax(blox_scheduler::error_message(&error)))?;
+        let thread = self.lua.create_thread(chunk)?;
+        self.scheduler.spawn(thread.clone(), MultiValue::new())?;
+        Ok(thread)
+    }
+
+    /// Runs threads, timers and frames until no thread is left running or waiting.
+    pub async fn run_until_idle(&self) {
+        self.scheduler.run_until_idle(&self.lua).await;
+    }
+
+    /// Runs every `game:BindToClose` callback concurrently and waits for them, at most
+    /// `deadline`.
+    pub async fn close(&self, deadline: Duration) -> Result<(), EngineError> {
+        let callbacks = self.game.borrow::<services::DataModel>()?.close_callbacks();
+        for callback in callbacks {
+            let thread = self.lua.create_thread(callback)?;
+            self.scheduler.spawn(thread, MultiValue::new())?;
+        }
+        self.scheduler
+            .run_until(&self.lua, tokio::time::sleep(deadline))
+            .await;
+        Ok(())
+    }
+
+    /// The error that ended `thread`, if it failed.
+    pub fn failure_of(&self, thread: &Thread) -> Option<ThreadError> {
+        self.scheduler
+            .errors()
+            .into_iter()
+            .find(|error| error.thread.as_ref() == Some(thread))
+    }
+}
+
+/// A random GUID in Roblox's upper-case 8-4-4-4-12 form, without braces.
+pub fn new_guid() -> String {
+    let random = || {
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+    };
+    let bits = (u128::from(random()) << 64) | u128::from(random());
+    let hex = format!("{bits:032X}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+fn write_line(out: &mut dyn std::io::Write, lua: &Lua, args: MultiValue) -> mlua::Result<()> {
+    let tostring: Function = lua.globals().get("tostring")?;
+    let mut line = Vec::new();
+    for (index, value) in args.into_iter().enumerate() {
+        if index > 0 {
+            line.push(b' ');
+        }
+        line.extend_from_slice(&tostring.call::<mlua::LuaString>(value)?.as_bytes());
+    }
+    line.push(b'\n');
+    // A closed console is not the script's problem.
+    let _ = out.write_all(&line);
+    Ok(())
+}
+
+fn install_globals(lua: &Lua, game: &AnyUserData) -> mlua::Result<()> {
+    let globals = lua.globals();
+    globals.set(
+        "print",
+        lua.create_function(|lua, args: MultiValue| {
+            write_line(&mut std::io::stdout().lock(), lua, args)
+        })?,
+    )?;
+    globals.set(
+        "warn",
+        lua.create_function(|lua, args: MultiValue| {
+            write_line(&mut std::io::stderr().lock(), lua, args)
+        })?,
+    )?;
+    // Roblox servers ship with loadstring disabled, and require takes ModuleScripts, which a
+    // single-file script has none of.
+    globals.set(
+        "loadstring",
+        lua.create_function(|_, _: MultiValue| {
+            Err::<(), _>(mlua::Error::RuntimeError(
+                "loadstring() is not available".to_owned(),
+            ))
+        })?,
+    )?;
+    globals.set(
+        "require",
+        lua.create_function(|_, _: MultiValue| {
+            Err::<(), _>(mlua::Error::RuntimeError(
+                "Attempted to call require with invalid argument(s).".to_owned(),
+            ))
+        })?,
+    )?;
+    globals.set("shared", lua.create_table()?)?;
+    globals.set("game", game.clone())?;
+    globals.set("Game", game.clone())?;
+    let workspace: Value = game.get("Workspace")?;
+    globals.set("workspace", workspace.clone())?;
+    globals.set("Workspace", workspace)?;
+    let instance = lua.create_table()?;
+    instance.set(
+        "new",
+        lua.create_function(|lua, (class, _parent): (String, Value)| {
+            blox_datastore::create_instance(lua, &class)?.ok_or_else(|| {
+                mlua::Error::RuntimeError(format!(
+                    "Unable to create an Instance of type \"{class}\""
+                ))
+            })
+        })?,
+    )?;
+    instance.set_readonly(true);
+    globals.set("Instance", instance)?;
+    enums::install(lua)?;
+    datetime::install(lua)?;
+
+    // Every server gets its own random sequence, as on Roblox.
+    let seed = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    let math: mlua::Table = globals.get("math")?;
+    math.get::<Function>("randomseed")?
+        .call::<()>((seed % (1 << 31)) as f64)?;
+    let _ = std::io::stdout().flush();
+    Ok(())
+}

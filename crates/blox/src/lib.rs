@@ -1,0 +1,112 @@
+//! Hosting a Blox server: the database runtime, the storage backend and script runs.
+//!
+//! Two runtimes, on purpose. The Luau VM is single-threaded, so it runs on the calling thread
+//! under a Tokio current-thread runtime. Database work runs on a separate multi-thread runtime
+//! that owns the sqlx pools: measured here, spawning the query there instead of polling it on
+//! the VM thread doubles PostgreSQL throughput from Luau, and the VM never blocks on I/O.
+
+use std::future::Future;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use blox_datastore::DataStoreContext;
+use blox_datastore::backend::{self, Backend, BackendError, OpenOptions};
+use blox_engine::{CLOSE_DEADLINE, Engine, EngineError, ServerIdentity};
+use blox_scheduler::{RealClock, ThreadError};
+
+pub use blox_datastore::backend::DEFAULT_DATABASE_URL;
+
+/// Why a server could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// A Tokio runtime could not be built.
+    #[error("cannot start the runtime: {0}")]
+    Runtime(#[from] std::io::Error),
+    /// The database could not be opened or migrated.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The Luau VM could not be set up, or the script does not compile.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// How a script run ended.
+#[derive(Debug)]
+pub struct ScriptOutcome {
+    /// The error that ended the script's main chunk, if it failed.
+    pub main_error: Option<ThreadError>,
+    /// Every error that ended a thread, the main chunk's included.
+    pub thread_errors: Vec<ThreadError>,
+}
+
+/// An open database and the runtime that serves it.
+pub struct Host {
+    database: tokio::runtime::Runtime,
+    backend: Arc<dyn Backend>,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host")
+            .field("backend", &self.backend)
+            .finish()
+    }
+}
+
+impl Host {
+    /// Starts the database runtime and opens (and migrates) the database at `url`.
+    pub fn open(url: &str, options: &OpenOptions) -> Result<Self, HostError> {
+        let database = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("blox-db")
+            .enable_all()
+            .build()?;
+        let backend = database.block_on(backend::open(url, options))?;
+        Ok(Self { database, backend })
+    }
+
+    /// The storage backend.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// The database runtime, for work that must run beside the pools.
+    pub fn database_runtime(&self) -> &tokio::runtime::Runtime {
+        &self.database
+    }
+
+    /// Runs `source` as a server Script until every thread has finished (or `stop`
+    /// completes), then runs the `game:BindToClose` callbacks for up to 30 seconds.
+    pub fn run_script(
+        &self,
+        identity: ServerIdentity,
+        name: &str,
+        source: &[u8],
+        stop: impl Future<Output = ()>,
+    ) -> Result<ScriptOutcome, HostError> {
+        let vm = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        vm.block_on(async {
+            let context = DataStoreContext::new(
+                Arc::clone(&self.backend),
+                self.database.handle().clone(),
+                identity.game_id,
+            );
+            let engine = Engine::new(identity, context, Rc::new(RealClock::new()))?;
+            let main = engine.start_script(name, source)?;
+            engine.scheduler().run_until(engine.lua(), stop).await;
+            engine.close(CLOSE_DEADLINE).await?;
+            Ok(ScriptOutcome {
+                main_error: engine.failure_of(&main),
+                thread_errors: engine.scheduler().errors(),
+            })
+        })
+    }
+
+    /// Lets in-flight database work finish (up to `deadline`) and closes the runtime.
+    pub fn shutdown(self, deadline: Duration) {
+        self.database.shutdown_timeout(deadline);
+    }
+}
