@@ -21,7 +21,7 @@ pub use blox_datastore::backend::DEFAULT_DATABASE_URL;
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
     /// A Tokio runtime could not be built.
-    #[error("cannot start the runtime: {0}")]
+    #[error("cannot start the runtime")]
     Runtime(#[from] std::io::Error),
     /// The database could not be opened or migrated.
     #[error(transparent)]

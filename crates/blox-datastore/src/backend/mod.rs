@@ -115,7 +115,7 @@ pub enum BackendError {
         reason: String,
     },
     /// The SQLite file's folder cannot be created or locked.
-    #[error("cannot use the database file {path}: {source}")]
+    #[error("cannot use the database file {path}")]
     File {
         /// The path involved.
         path: PathBuf,
@@ -123,10 +123,10 @@ pub enum BackendError {
         source: std::io::Error,
     },
     /// The database cannot be reached or rejected a statement.
-    #[error("database error: {0}")]
+    #[error("database error")]
     Database(#[from] sqlx::Error),
     /// The schema migrations failed.
-    #[error("database migration failed: {0}")]
+    #[error("database migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
 

@@ -51,8 +51,12 @@ impl PostgresBackend {
                 url: url.to_owned(),
                 reason: error.to_string(),
             })?;
+        // One direct connection first: it reports why a server is unreachable at once, where
+        // the pool would retry until its timeout and report only that.
+        let mut admin = tokio::time::timeout(options.timeout, connect.connect())
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)??;
         if let Some(schema) = &options.postgres_schema {
-            let mut admin = connect.connect().await?;
             let create = format!(
                 "CREATE SCHEMA IF NOT EXISTS \"{}\"",
                 schema.replace('"', "")
@@ -60,9 +64,9 @@ impl PostgresBackend {
             sqlx::raw_sql(sqlx::AssertSqlSafe(create))
                 .execute(&mut admin)
                 .await?;
-            admin.close().await?;
             connect = connect.options([("search_path", schema.as_str())]);
         }
+        admin.close().await?;
         let pool = PgPoolOptions::new()
             .max_connections(options.postgres_pool_size)
             .acquire_timeout(options.timeout)
