@@ -1,0 +1,53 @@
+//! Luau behaviour tests: every `tests/luau/*.luau` script runs through the real runtime against
+//! a real SQLite file and a real PostgreSQL schema. A script passes when its main chunk and
+//! every thread it started finish without error within the time limit.
+
+mod support;
+
+use std::time::Duration;
+
+use blox::Host;
+use blox_datastore::backend::OpenOptions;
+use blox_engine::ServerIdentity;
+use support::{Scratch, TestDatabase};
+
+const TIME_LIMIT: Duration = Duration::from_secs(120);
+
+fn run_luau_test(name: &str, database: TestDatabase) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/luau")
+        .join(format!("{name}.luau"));
+    let source = std::fs::read(&path).expect("the script exists");
+    let scratch = Scratch::new(database, name);
+    let host = Host::open(&scratch.url, &OpenOptions::default()).expect("database opens");
+    let identity = ServerIdentity {
+        place_id: 1001,
+        game_id: 2002,
+        job_id: blox_engine::new_guid(),
+    };
+    let timed_out = std::rc::Rc::new(std::cell::Cell::new(false));
+    let flag = std::rc::Rc::clone(&timed_out);
+    let outcome = host
+        .run_script(identity, &format!("{name}.luau"), &source, async move {
+            tokio::time::sleep(TIME_LIMIT).await;
+            flag.set(true);
+        })
+        .expect("the script starts");
+    assert!(
+        !timed_out.get(),
+        "{name} did not finish within {TIME_LIMIT:?}"
+    );
+    let failures: Vec<String> = outcome
+        .thread_errors
+        .iter()
+        .map(|error| format!("{}\n{}", error.message, error.traceback))
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{name} failed:\n{}",
+        failures.join("\n\n")
+    );
+    host.shutdown(Duration::from_secs(5));
+}
+
+include!(concat!(env!("OUT_DIR"), "/luau_tests.rs"));
