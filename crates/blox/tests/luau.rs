@@ -2,14 +2,12 @@
 //! a real SQLite file and a real PostgreSQL schema. A script passes when its main chunk and
 //! every thread it started finish without error within the time limit.
 
-mod support;
-
 use std::time::Duration;
 
 use blox::Host;
 use blox_datastore::backend::OpenOptions;
 use blox_engine::ServerIdentity;
-use support::{Scratch, TestDatabase};
+use blox_testkit::{Scratch, TestDatabase};
 
 const TIME_LIMIT: Duration = Duration::from_secs(120);
 

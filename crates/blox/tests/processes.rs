@@ -2,12 +2,10 @@
 //! `kill -9`, atomic read-modify-write between servers racing on one key, and how bad
 //! configuration is reported. Each runs against a SQLite file and a PostgreSQL schema.
 
-mod support;
-
 use std::io::{BufRead as _, BufReader};
 use std::process::{Command, Output, Stdio};
 
-use support::{Scratch, TestDatabase};
+use blox_testkit::{Scratch, TestDatabase};
 
 fn blox_command(url: &str, game_id: i64, script: &str) -> (Command, tempfile::TempDir) {
     let folder = tempfile::tempdir().expect("temp folder");
@@ -74,7 +72,11 @@ fn persists_across_restart(database: TestDatabase) {
     let loaded = stdout(&run_blox(&scratch.url, 7, LOAD));
     assert!(loaded.contains("player 1500 2 1 1"), "{loaded}");
     assert!(loaded.contains("test 500 3"), "{loaded}");
-    let job = |text: &str| text.lines().find(|l| l.starts_with("job ")).map(str::to_owned);
+    let job = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("job "))
+            .map(str::to_owned)
+    };
     assert_ne!(job(&saved), job(&loaded), "every process has its own JobId");
 
     // Another game on the same database sees none of it.
@@ -192,7 +194,10 @@ fn assert_clean_failure(url: &str, expected: &str) {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "blox should fail for {url}");
     assert_eq!(stderr.lines().count(), 1, "one line on stderr: {stderr}");
-    assert!(stderr.starts_with("blox: ") && stderr.contains(expected), "{stderr}");
+    assert!(
+        stderr.starts_with("blox: ") && stderr.contains(expected),
+        "{stderr}"
+    );
     assert!(!stderr.contains("panicked") && stdout(&output).is_empty());
 }
 
@@ -200,7 +205,10 @@ fn assert_clean_failure(url: &str, expected: &str) {
 fn bad_configuration_is_one_clear_line() {
     assert_clean_failure("postgres://postgres@127.0.0.1:1/test", "Connection refused");
     assert_clean_failure("mysql://localhost/db", "invalid database URL");
-    assert_clean_failure("postgres://postgres@127.0.0.1:5432/test?sslmode=bogus", "invalid database URL");
+    assert_clean_failure(
+        "postgres://postgres@127.0.0.1:5432/test?sslmode=bogus",
+        "invalid database URL",
+    );
     let folder = tempfile::tempdir().unwrap();
     let file = folder.path().join("a-file");
     std::fs::write(&file, "").unwrap();
@@ -221,9 +229,18 @@ fn exit_status_follows_the_main_chunk() {
     let output = failing.output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
-    assert!(stderr.contains("main.server.luau:2: main failed"), "{stderr}");
-    assert!(stderr.contains("Stack Begin") && stderr.contains("explode"), "{stderr}");
-    assert!(stdout(&output).contains("spawned finished"), "other threads run on");
+    assert!(
+        stderr.contains("main.server.luau:2: main failed"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("Stack Begin") && stderr.contains("explode"),
+        "{stderr}"
+    );
+    assert!(
+        stdout(&output).contains("spawned finished"),
+        "other threads run on"
+    );
 
     let (mut syntax, _b) = blox_command(&scratch.url, 1, "local = 1");
     let output = syntax.output().unwrap();
@@ -236,6 +253,9 @@ fn exit_status_follows_the_main_chunk() {
         "task.spawn(function() error('only a spawned thread') end)\nprint('main done')",
     );
     let output = spawned_error.output().unwrap();
-    assert!(output.status.success(), "an error in a spawned thread does not fail the run");
+    assert!(
+        output.status.success(),
+        "an error in a spawned thread does not fail the run"
+    );
     assert!(String::from_utf8_lossy(&output.stderr).contains("only a spawned thread"));
 }

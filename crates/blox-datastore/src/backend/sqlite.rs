@@ -103,10 +103,16 @@ impl SqliteBackend {
             path: lock_path.clone(),
             source,
         })?;
-        lock.lock().map_err(|source| BackendError::File {
-            path: lock_path,
-            source,
-        })?;
+        // Waiting for the lock blocks; keep it off the runtime's workers, or waiters could
+        // starve the holder.
+        let lock = tokio::task::spawn_blocking(move || lock.lock().map(|()| lock))
+            .await
+            .map_err(|error| std::io::Error::other(error.to_string()))
+            .and_then(|locked| locked)
+            .map_err(|source| BackendError::File {
+                path: lock_path,
+                source,
+            })?;
         let migrated = sqlx::migrate!("./migrations/sqlite").run(&writer).await;
         drop(lock);
         migrated?;

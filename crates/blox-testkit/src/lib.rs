@@ -1,6 +1,8 @@
-//! Test databases: a fresh SQLite file or a fresh PostgreSQL schema per test, removed after.
-
-#![allow(dead_code)]
+//! Test databases for Blox's suites: a fresh SQLite file or a fresh PostgreSQL schema per
+//! test, removed afterwards.
+//!
+//! Tests run against real databases, never mocks. PostgreSQL must be reachable (`.ci/run`
+//! starts or installs it); when it is not, the tests fail rather than skip.
 
 use std::path::PathBuf;
 
@@ -13,11 +15,14 @@ pub fn postgres_url() -> String {
 /// Which backend a test runs against.
 #[derive(Debug, Clone, Copy)]
 pub enum TestDatabase {
+    /// A SQLite file in a temporary folder.
     Sqlite,
+    /// A schema of its own on the test PostgreSQL server.
     Postgres,
 }
 
 /// A database that exists for one test.
+#[derive(Debug)]
 pub struct Scratch {
     /// The URL a `blox` process or a `Host` opens.
     pub url: String,
@@ -26,6 +31,7 @@ pub struct Scratch {
 }
 
 impl Scratch {
+    /// Creates a fresh database for the test called `name`.
     pub fn new(kind: TestDatabase, name: &str) -> Self {
         match kind {
             TestDatabase::Sqlite => {
@@ -67,22 +73,34 @@ impl Drop for Scratch {
 }
 
 /// Runs one statement on the test server; panics if the server is not there, so a missing
-/// PostgreSQL fails the suite instead of skipping it.
+/// PostgreSQL fails the suite instead of skipping it. Runs on a thread of its own, so it works
+/// from inside a Tokio runtime as well as outside one.
 pub fn psql(statement: &str) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        use sqlx::Connection as _;
-        let mut connection = sqlx::PgConnection::connect(&postgres_url())
-            .await
-            .unwrap_or_else(|error| {
-                panic!("PostgreSQL at {} is required: {error}", postgres_url())
-            });
-        sqlx::raw_sql(sqlx::AssertSqlSafe(statement.to_owned()))
-            .execute(&mut connection)
-            .await
-            .unwrap_or_else(|error| panic!("{statement}: {error}"));
-    });
+    let statement = statement.to_owned();
+    let outcome = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|error| error.to_string())?;
+        runtime.block_on(async {
+            use sqlx::Connection as _;
+            let mut connection =
+                sqlx::PgConnection::connect(&postgres_url())
+                    .await
+                    .map_err(|error| {
+                        format!("PostgreSQL at {} is required: {error}", postgres_url())
+                    })?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(statement.clone()))
+                .execute(&mut connection)
+                .await
+                .map_err(|error| format!("{statement}: {error}"))?;
+            Ok::<(), String>(())
+        })
+    })
+    .join();
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(message)) => panic!("{message}"),
+        Err(_) => panic!("the PostgreSQL helper thread panicked"),
+    }
 }

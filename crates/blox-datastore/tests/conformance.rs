@@ -1,0 +1,262 @@
+//! The backend conformance suite: every test runs against a real SQLite file and a real
+//! PostgreSQL schema, each its own fresh database.
+
+use std::sync::Arc;
+
+use blox_datastore::DataStoreError;
+use blox_datastore::backend::{self, Backend, EntryKey, OpenOptions, StoreKind, Write};
+use blox_datastore::operations::{self, OperationError};
+use blox_testkit::{Scratch, TestDatabase};
+
+fn key(name: &str) -> EntryKey {
+    EntryKey {
+        universe: 1,
+        kind: StoreKind::Standard,
+        store: "Conformance".to_owned(),
+        scope: "global".to_owned(),
+        key: name.to_owned(),
+    }
+}
+
+fn write(value: &str, now_ms: i64) -> Write {
+    Write {
+        value: value.to_owned(),
+        user_ids: "[1]".to_owned(),
+        metadata: r#"{"a":1}"#.to_owned(),
+        deleted: false,
+        now_ms,
+    }
+}
+
+async fn reads_what_was_written(backend: Arc<dyn Backend>) {
+    assert_eq!(backend.read(&key("k")).await.unwrap(), None);
+    let first = backend.write(&key("k"), &write("1", 1_000)).await.unwrap();
+    assert_eq!(
+        (first.seq, first.created_ms, first.updated_ms),
+        (1, 1_000, 1_000)
+    );
+    let entry = backend.read(&key("k")).await.unwrap().unwrap();
+    assert_eq!(entry.value, "1");
+    assert_eq!(entry.user_ids, "[1]");
+    assert_eq!(entry.metadata, r#"{"a":1}"#);
+    assert_eq!(entry.version, first);
+    assert!(!entry.deleted);
+
+    let second = backend.write(&key("k"), &write("2", 2_000)).await.unwrap();
+    assert_eq!(
+        (second.seq, second.created_ms, second.updated_ms),
+        (2, 1_000, 2_000)
+    );
+    assert_eq!(backend.read(&key("k")).await.unwrap().unwrap().value, "2");
+}
+
+async fn keys_are_isolated(backend: Arc<dyn Backend>) {
+    backend
+        .write(&key("k"), &write("\"base\"", 1))
+        .await
+        .unwrap();
+    let variants = [
+        EntryKey {
+            universe: 2,
+            ..key("k")
+        },
+        EntryKey {
+            store: "Other".to_owned(),
+            ..key("k")
+        },
+        EntryKey {
+            scope: "other".to_owned(),
+            ..key("k")
+        },
+        key("K"),
+        key("k "),
+    ];
+    for variant in &variants {
+        assert_eq!(backend.read(variant).await.unwrap(), None, "{variant:?}");
+    }
+    for (index, variant) in variants.iter().enumerate() {
+        backend
+            .write(variant, &write(&index.to_string(), 1))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        backend.read(&key("k")).await.unwrap().unwrap().value,
+        "\"base\""
+    );
+}
+
+async fn compare_and_set_detects_conflicts(backend: Arc<dyn Backend>) {
+    let created = backend
+        .write_if(&key("k"), None, 10, &write("1", 10))
+        .await
+        .unwrap()
+        .expect("an absent key can be created");
+    assert_eq!(created.seq, 1);
+    assert_eq!(
+        backend
+            .write_if(&key("k"), None, 20, &write("2", 20))
+            .await
+            .unwrap(),
+        None,
+        "creating an existing key is a conflict"
+    );
+    let next = backend
+        .write_if(&key("k"), Some(&created), 10, &write("3", 30))
+        .await
+        .unwrap()
+        .expect("the current version can be replaced");
+    assert_eq!((next.seq, next.created_ms, next.updated_ms), (2, 10, 30));
+    assert_eq!(
+        backend
+            .write_if(&key("k"), Some(&created), 10, &write("4", 40))
+            .await
+            .unwrap(),
+        None,
+        "a stale version is a conflict"
+    );
+    assert_eq!(backend.read(&key("k")).await.unwrap().unwrap().value, "3");
+}
+
+async fn tombstones_keep_the_sequence(backend: Arc<dyn Backend>) {
+    backend.write(&key("k"), &write("1", 1_000)).await.unwrap();
+    let (value, before) = operations::remove(backend.as_ref(), &key("k"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(value, blox_datastore::codec::Stored::Number(1.0));
+    assert_eq!(before.version.seq, 1);
+    let tombstone = backend.read(&key("k")).await.unwrap().unwrap();
+    assert!(tombstone.deleted);
+    assert_eq!(tombstone.version.seq, 2);
+    assert!(
+        operations::get(backend.as_ref(), &key("k"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        operations::remove(backend.as_ref(), &key("k"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    let revived = backend.write(&key("k"), &write("5", 9_000)).await.unwrap();
+    assert_eq!(revived.seq, 3, "the sequence goes on after a removal");
+    assert_eq!(
+        revived.created_ms, 9_000,
+        "a key written after removal is a new object"
+    );
+}
+
+async fn increments_are_atomic(backend: Arc<dyn Backend>) {
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let backend = Arc::clone(&backend);
+            tokio::spawn(async move {
+                for _ in 0..25 {
+                    operations::increment(backend.as_ref(), &key("n"), 1, "[]".into(), "{}".into())
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let entry = backend.read(&key("n")).await.unwrap().unwrap();
+    assert_eq!(entry.value, "200");
+    assert_eq!(entry.version.seq, 200);
+}
+
+async fn increment_rejects_non_integers_and_writes_nothing(backend: Arc<dyn Backend>) {
+    for stored in ["\"text\"", "1.5", "[1]", "true"] {
+        backend.write(&key("v"), &write(stored, 1)).await.unwrap();
+        let result =
+            operations::increment(backend.as_ref(), &key("v"), 1, "[]".into(), "{}".into()).await;
+        assert!(
+            matches!(
+                result,
+                Err(OperationError::Rejected(DataStoreError::NotNumeric))
+            ),
+            "{stored}: {result:?}"
+        );
+        assert_eq!(
+            backend.read(&key("v")).await.unwrap().unwrap().value,
+            stored
+        );
+    }
+}
+
+async fn large_values_round_trip(backend: Arc<dyn Backend>) {
+    let big = format!("\"{}\"", "é".repeat(2_000_000));
+    backend.write(&key("big"), &write(&big, 1)).await.unwrap();
+    assert_eq!(backend.read(&key("big")).await.unwrap().unwrap().value, big);
+}
+
+async fn migrations_apply_once(database: TestDatabase) {
+    let scratch = Scratch::new(database, "migrations");
+    let opens: Vec<_> = (0..4)
+        .map(|_| {
+            let url = scratch.url.clone();
+            tokio::spawn(async move { backend::open(&url, &OpenOptions::default()).await })
+        })
+        .collect();
+    for open in opens {
+        let backend = open.await.unwrap().expect("concurrent opens all succeed");
+        backend.write(&key("k"), &write("1", 1)).await.unwrap();
+    }
+}
+
+async fn run<F, Fut>(database: TestDatabase, name: &str, test: F)
+where
+    F: FnOnce(Arc<dyn Backend>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let scratch = Scratch::new(database, name);
+    let backend = backend::open(&scratch.url, &OpenOptions::default())
+        .await
+        .expect("database opens");
+    test(backend).await;
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::run(super::TestDatabase::Sqlite, stringify!($name), super::$name).await;
+                }
+            )*
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn migrations_apply_once() {
+                super::migrations_apply_once(super::TestDatabase::Sqlite).await;
+            }
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::run(super::TestDatabase::Postgres, stringify!($name), super::$name).await;
+                }
+            )*
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn migrations_apply_once() {
+                super::migrations_apply_once(super::TestDatabase::Postgres).await;
+            }
+        }
+    };
+}
+
+conformance!(
+    reads_what_was_written,
+    keys_are_isolated,
+    compare_and_set_detects_conflicts,
+    tombstones_keep_the_sequence,
+    increments_are_atomic,
+    increment_rejects_non_integers_and_writes_nothing,
+    large_values_round_trip,
+);
