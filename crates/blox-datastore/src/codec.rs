@@ -10,6 +10,7 @@
 //!   reads back as `{["5"]=true}`); anything else (sparse arrays, arrays with string keys,
 //!   boolean or table keys, cycles) is rejected with error 104;
 //! - strings must be valid UTF-8;
+//! - dictionary keys are written sorted, so equal tables always store the same text;
 //! - functions, threads, userdata (Instances, EnumItems, ...) and vectors are rejected with
 //!   error 104 naming the value's type at top level, or the containing `Array`/`Dictionary`
 //!   when nested;
@@ -33,7 +34,7 @@ use crate::error::DataStoreError;
 pub const MAX_VALUE_LENGTH: usize = 4_194_304;
 
 /// Nesting deeper than this is rejected, so neither direction can overflow the stack.
-pub const MAX_DEPTH: usize = 512;
+pub const MAX_DEPTH: usize = 256;
 
 /// A decoded stored value, independent of any Luau state.
 #[derive(Debug, Clone, PartialEq)]
@@ -186,9 +187,8 @@ impl Encoder {
             // Mixed: an array part next to other keys.
             return Err(bad_shape());
         }
-        let mut seen = HashSet::new();
-        self.out.push('{');
-        for (position, (key, value)) in entries.iter().enumerate() {
+        let mut fields = Vec::with_capacity(entries.len());
+        for (key, value) in &entries {
             let name = match key {
                 Value::String(s) => {
                     let bytes = s.as_bytes();
@@ -200,9 +200,16 @@ impl Encoder {
                 Value::Number(n) if n.is_finite() => number_key(*n),
                 _ => return Err(bad_shape()),
             };
-            if !seen.insert(name.clone()) {
-                return Err(bad_shape());
-            }
+            fields.push((name, value));
+        }
+        // Sorted, so equal tables always store the same text whatever Luau's hash order.
+        fields.sort_by(|a, b| a.0.cmp(&b.0));
+        if fields.windows(2).any(|pair| pair[0].0 == pair[1].0) {
+            // `{[5] = 1, ["5"] = 2}`: two keys that are the same once stringified.
+            return Err(bad_shape());
+        }
+        self.out.push('{');
+        for (position, (name, value)) in fields.into_iter().enumerate() {
             if position > 0 {
                 self.out.push(',');
             }
