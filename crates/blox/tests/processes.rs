@@ -259,3 +259,51 @@ fn exit_status_follows_the_main_chunk() {
     );
     assert!(String::from_utf8_lossy(&output.stderr).contains("only a spawned thread"));
 }
+
+#[test]
+fn the_readme_example_remembers_across_runs() {
+    let scratch = Scratch::new(TestDatabase::Sqlite, "example");
+    let example = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../examples/player_data.server.luau"),
+    )
+    .unwrap();
+    let first = stdout(&run_blox(&scratch.url, 1, &example));
+    assert!(
+        first.contains("Money=0 SpeedLevel=1") && first.contains("started 1 time"),
+        "{first}"
+    );
+    let second = stdout(&run_blox(&scratch.url, 1, &example));
+    assert!(
+        second.contains("Loaded Builderman: Money=500 SpeedLevel=2"),
+        "{second}"
+    );
+    assert!(second.contains("started 2 time"), "{second}");
+}
+
+#[test]
+fn sqlite_is_the_default_under_the_working_folder() {
+    let folder = tempfile::tempdir().unwrap();
+    let script = folder.path().join("main.server.luau");
+    std::fs::write(
+        &script,
+        r#"print((game:GetService("DataStoreService"):GetDataStore("D"):IncrementAsync("n")))"#,
+    )
+    .unwrap();
+    for expected in ["1", "2"] {
+        let output = Command::new(env!("CARGO_BIN_EXE_blox"))
+            .arg("run")
+            .arg(&script)
+            .env_remove("BLOX_DATABASE_URL")
+            .current_dir(folder.path())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(stdout(&output).trim(), expected);
+    }
+    assert!(folder.path().join(".blox/datastore.sqlite3").exists());
+}
