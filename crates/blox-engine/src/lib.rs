@@ -70,6 +70,13 @@ impl Engine {
         services::drive_frames(&game, &scheduler);
         install_globals(&lua, &game)?;
         lua.sandbox(true)?;
+        // The sandbox freezes every table in the globals. Roblox's `shared` and `_G` are
+        // tables every script may write, so they are added after it.
+        let globals = lua.globals();
+        globals.set_readonly(false);
+        globals.set("shared", lua.create_table()?)?;
+        globals.set("_G", lua.create_table()?)?;
+        globals.set_readonly(true);
         Ok(Self {
             lua,
             scheduler,
@@ -195,7 +202,6 @@ fn install_globals(lua: &Lua, game: &AnyUserData) -> mlua::Result<()> {
             ))
         })?,
     )?;
-    globals.set("shared", lua.create_table()?)?;
     globals.set("game", game.clone())?;
     globals.set("Game", game.clone())?;
     let workspace: Value = game.get("Workspace")?;
