@@ -12,8 +12,8 @@
 //! many servers). sqlx's `AnyPool` is not used: it has no common ground for the two dialects'
 //! upserts and types. One conformance suite (`tests/conformance.rs`) runs against both.
 
-mod postgres;
-mod sqlite;
+pub mod postgres;
+pub mod sqlite;
 
 use std::fmt;
 use std::path::PathBuf;
