@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use blox::Host;
 use blox_datastore::DataStoreContext;
-use blox_datastore::backend::{EntryKey, OpenOptions, Statements, StoreKind, Write, postgres, sqlite};
+use blox_datastore::backend::{
+    EntryKey, OpenOptions, Statements, StoreKind, Write, postgres, sqlite,
+};
 use blox_engine::{Engine, ServerIdentity};
 use blox_scheduler::{FRAME, RealClock};
 use clap::{Parser, ValueEnum};
@@ -30,17 +32,29 @@ const PLAYER: &str = r#"{"CarryLevel":1,"Inventory":["sword","shield","potion"],
 #[command(about)]
 struct Args {
     /// The database to measure: `sqlite://PATH` or `postgres://...`.
-    #[arg(long, env = "BLOX_DATABASE_URL", default_value = "sqlite://target/bench/bench.sqlite3")]
+    #[arg(
+        long,
+        env = "BLOX_DATABASE_URL",
+        default_value = "sqlite://target/bench/bench.sqlite3"
+    )]
     database_url: String,
     /// Concurrent coroutines (and raw sqlx tasks) per measurement.
     #[arg(long, value_delimiter = ',', default_value = "1,8,64,1000")]
     concurrency: Vec<usize>,
     /// Operations to measure.
-    #[arg(long, value_delimiter = ',', default_value = "get,set,update,increment")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "get,set,update,increment"
+    )]
     ops: Vec<Op>,
     /// Seconds per measurement.
     #[arg(long, default_value_t = 2.0)]
     seconds: f64,
+    /// Alternating Luau and sqlx measurements per cell; the table reports the medians, so
+    /// drift on a shared machine hits both sides alike.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Connections in the PostgreSQL pool (both sides).
     #[arg(long, default_value_t = 8)]
     postgres_pool_size: u32,
@@ -92,10 +106,12 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if let Some(path) = args.database_url.strip_prefix("sqlite://") {
-        if let Some(folder) = std::path::Path::new(path).parent() {
-            std::fs::create_dir_all(folder)?;
-        }
+    if let Some(folder) = args
+        .database_url
+        .strip_prefix("sqlite://")
+        .and_then(|path| std::path::Path::new(path).parent())
+    {
+        std::fs::create_dir_all(folder)?;
     }
     let options = OpenOptions {
         postgres_pool_size: args.postgres_pool_size,
@@ -112,8 +128,14 @@ fn main() -> anyhow::Result<()> {
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &op in &args.ops {
         for &concurrency in &args.concurrency {
-            let (luau, lag_p99, lag_max) = run_luau(&host, op, concurrency, args.seconds)?;
-            let sqlx = runtime.block_on(raw.run(op, concurrency, args.seconds))?;
+            let mut luau_runs = Vec::new();
+            let mut sqlx_runs = Vec::new();
+            for _ in 0..args.rounds.max(1) {
+                sqlx_runs.push(runtime.block_on(raw.run(op, concurrency, args.seconds))?);
+                luau_runs.push(run_luau(&host, op, concurrency, args.seconds)?);
+            }
+            let (luau, lag_p99, lag_max) = median_by_rate(luau_runs, |run| run.0.rate);
+            let sqlx = median_by_rate(sqlx_runs, |run| run.rate);
             println!(
                 "| {op:?} | {concurrency} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} |",
                 luau.rate,
@@ -132,6 +154,12 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The run with the median rate.
+fn median_by_rate<T>(mut runs: Vec<T>, rate: impl Fn(&T) -> f64) -> T {
+    runs.sort_by(|a, b| rate(a).total_cmp(&rate(b)));
+    runs.swap_remove(runs.len() / 2)
+}
+
 fn entry_key(key: String) -> EntryKey {
     EntryKey {
         universe: UNIVERSE,
@@ -145,7 +173,10 @@ fn entry_key(key: String) -> EntryKey {
 async fn seed(host: &Host) -> anyhow::Result<()> {
     let backend = host.backend();
     for i in 0..KEYS {
-        for (key, value) in [(format!("player_{i}"), PLAYER), (format!("counter_{i}"), "0")] {
+        for (key, value) in [
+            (format!("player_{i}"), PLAYER),
+            (format!("counter_{i}"), "0"),
+        ] {
             let write = Write {
                 value: value.to_owned(),
                 user_ids: "[]".to_owned(),
@@ -161,11 +192,16 @@ async fn seed(host: &Host) -> anyhow::Result<()> {
 
 /// Runs `op` from `concurrency` Luau coroutines for `seconds`; returns the call statistics and
 /// the timer lag (p99 and worst, in ms) seen meanwhile.
-fn run_luau(host: &Host, op: Op, concurrency: usize, seconds: f64) -> anyhow::Result<(Stats, f64, f64)> {
+fn run_luau(
+    host: &Host,
+    op: Op,
+    concurrency: usize,
+    seconds: f64,
+) -> anyhow::Result<(Stats, f64, f64)> {
     let script = format!(
         r#"
         local store = game:GetService("DataStoreService"):GetDataStore("{STORE}")
-        local player = game:GetService("HttpService") and {{ CarryLevel = 1, Inventory = {{ "sword", "shield", "potion" }}, Money = 1500, Name = "Builderman", RebirthCount = 1, SpeedLevel = 2 }}
+        local player = {{ CarryLevel = 1, Inventory = {{ "sword", "shield", "potion" }}, Money = 1500, Name = "Builderman", RebirthCount = 1, SpeedLevel = 2 }}
         local function keep(value) return value end
         local latencies, gaps = {{}}, {{}}
         local running = {concurrency}
@@ -194,7 +230,9 @@ fn run_luau(host: &Host, op: Op, concurrency: usize, seconds: f64) -> anyhow::Re
         "#,
         call = op.luau_call(),
     );
-    let vm = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let vm = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     vm.block_on(async {
         let context = DataStoreContext::new(
             Arc::clone(host.backend()),
@@ -214,7 +252,11 @@ fn run_luau(host: &Host, op: Op, concurrency: usize, seconds: f64) -> anyhow::Re
         }
         let read = || -> mlua::Result<(f64, Vec<f64>, Vec<f64>)> {
             let shared: mlua::Table = engine.lua().globals().get("shared")?;
-            Ok((shared.get("elapsed")?, shared.get("latencies")?, shared.get("gaps")?))
+            Ok((
+                shared.get("elapsed")?,
+                shared.get("latencies")?,
+                shared.get("gaps")?,
+            ))
         };
         let (elapsed, latencies, gaps) = read().map_err(|error| anyhow::anyhow!("{error}"))?;
         let mut lags: Vec<f64> = gaps
@@ -223,13 +265,20 @@ fn run_luau(host: &Host, op: Op, concurrency: usize, seconds: f64) -> anyhow::Re
             .collect();
         lags.sort_by(f64::total_cmp);
         let worst = lags.last().copied().unwrap_or(0.0);
-        Ok((Stats::from(latencies, elapsed), percentile(&lags, 0.99), worst))
+        Ok((
+            Stats::from(latencies, elapsed),
+            percentile(&lags, 0.99),
+            worst,
+        ))
     })
 }
 
 /// Pools configured as Blox's backends configure theirs, used directly with sqlx.
 enum RawPools {
-    Sqlite { readers: Pool<sqlx::Sqlite>, writer: Pool<sqlx::Sqlite> },
+    Sqlite {
+        readers: Pool<sqlx::Sqlite>,
+        writer: Pool<sqlx::Sqlite>,
+    },
     Postgres(Pool<sqlx::Postgres>),
 }
 
@@ -247,7 +296,10 @@ impl RawPools {
                     .max_connections(size)
                     .connect_with(connect.clone())
             };
-            Ok(RawPools::Sqlite { readers: pool(4).await?, writer: pool(1).await? })
+            Ok(RawPools::Sqlite {
+                readers: pool(4).await?,
+                writer: pool(1).await?,
+            })
         } else {
             let pool = sqlx::postgres::PgPoolOptions::new()
                 .max_connections(pool_size)
@@ -260,7 +312,15 @@ impl RawPools {
     async fn run(&self, op: Op, concurrency: usize, seconds: f64) -> anyhow::Result<Stats> {
         match self {
             RawPools::Sqlite { readers, writer } => {
-                measure(op, concurrency, seconds, readers, writer, &sqlite::STATEMENTS).await
+                measure(
+                    op,
+                    concurrency,
+                    seconds,
+                    readers,
+                    writer,
+                    &sqlite::STATEMENTS,
+                )
+                .await
             }
             RawPools::Postgres(pool) => {
                 measure(op, concurrency, seconds, pool, pool, &postgres::STATEMENTS).await
@@ -389,7 +449,11 @@ where
         .bind(key.to_owned())
 }
 
-async fn read<DB>(pool: &Pool<DB>, statements: &Statements, key: &str) -> anyhow::Result<(String, i64)>
+async fn read<DB>(
+    pool: &Pool<DB>,
+    statements: &Statements,
+    key: &str,
+) -> anyhow::Result<(String, i64)>
 where
     DB: Database,
     for<'c> &'c Pool<DB>: sqlx::Executor<'c, Database = DB>,

@@ -225,6 +225,13 @@ impl Scheduler {
 
     /// Resumes every ready thread, then every deferred one, until none is left.
     pub fn run_ready(&self) {
+        self.run_ready_until(Duration::MAX);
+    }
+
+    /// Like [`Scheduler::run_ready`], but returns once `deadline` has passed between two
+    /// batches, so a steady stream of completions (a thousand coroutines on the database)
+    /// cannot hold up the next frame's timers and events.
+    fn run_ready_until(&self, deadline: Duration) {
         loop {
             let ready = std::mem::take(
                 &mut *self
@@ -244,6 +251,9 @@ impl Scheduler {
                 if let Err(error) = self.spawn(thread, args) {
                     self.report(None, &error);
                 }
+            }
+            if self.clock.now() >= deadline {
+                return;
             }
         }
     }
@@ -277,14 +287,15 @@ impl Scheduler {
                 None => {}
             }
         }
-        self.run_ready();
+        let budget = now + FRAME / 2;
+        self.run_ready_until(budget);
         let hooks: Vec<FrameHook> = self.frame_hooks.borrow().clone();
         for hook in hooks {
             if let Err(error) = hook(lua, delta) {
                 self.report(None, &error);
             }
         }
-        self.run_ready();
+        self.run_ready_until(budget);
     }
 
     /// True when no thread is running, parked on a future, deferred or waiting on a live timer.
@@ -308,7 +319,7 @@ impl Scheduler {
     pub async fn run_until(&self, lua: &Lua, stop: impl Future<Output = ()>) {
         tokio::pin!(stop);
         loop {
-            self.run_ready();
+            self.run_ready_until(self.last_frame.get() + FRAME);
             if self.is_idle() {
                 return;
             }

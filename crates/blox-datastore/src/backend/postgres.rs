@@ -75,11 +75,6 @@ impl PostgresBackend {
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
         Ok(Self { pool })
     }
-
-    /// The connection pool, for tools that run statements of their own.
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
 }
 
 sql_backend!(
