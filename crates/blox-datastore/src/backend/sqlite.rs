@@ -90,15 +90,11 @@ impl SqliteBackend {
                 SqliteSync::Full => SqliteSynchronous::Full,
             })
             .busy_timeout(options.timeout);
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(options.timeout)
-            .connect_with(connect.clone())
-            .await?;
-
-        // sqlx takes no lock for SQLite migrations; a lock file keeps servers that start
-        // together from applying the same migration twice.
-        let lock_path = path.with_extension("migrate-lock");
+        // Servers that start together on a new file race on creating it, on switching it to
+        // WAL (SQLite answers "database is locked" at once there, without waiting on the busy
+        // timeout) and on migrations, which sqlx does not lock for SQLite. A lock file next to
+        // the database serializes the whole open.
+        let lock_path = path.with_extension("open-lock");
         let lock = std::fs::File::create(&lock_path).map_err(|source| BackendError::File {
             path: lock_path.clone(),
             source,
@@ -113,15 +109,18 @@ impl SqliteBackend {
                 path: lock_path,
                 source,
             })?;
-        let migrated = sqlx::migrate!("./migrations/sqlite").run(&writer).await;
-        drop(lock);
-        migrated?;
-
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(options.timeout)
+            .connect_with(connect.clone())
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
         let readers = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(options.timeout)
             .connect_with(connect)
             .await?;
+        drop(lock);
         Ok(Self { readers, writer })
     }
 }
