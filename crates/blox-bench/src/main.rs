@@ -6,6 +6,7 @@
 //! the same time. The ratio of the two rates is the cost of everything Blox adds (Luau, the
 //! codec, validation, the scheduler, the hop between runtimes). While the Luau load runs, a
 //! Luau thread measures how late `task.wait()` resumes, the timer lag scripts would feel.
+//! GetAsync runs with `UseCache = false`: the point is the database path, not cache hits.
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -71,7 +72,7 @@ enum Op {
 impl Op {
     fn luau_call(self) -> &'static str {
         match self {
-            Op::Get => "store:GetAsync(key)",
+            Op::Get => "store:GetAsync(key, fromDatabase)",
             Op::Set => "store:SetAsync(key, player)",
             Op::Update => "store:UpdateAsync(key, keep)",
             Op::Increment => "store:IncrementAsync(counter, 1)",
@@ -203,6 +204,8 @@ fn run_luau(
         local store = game:GetService("DataStoreService"):GetDataStore("{STORE}")
         local player = {{ CarryLevel = 1, Inventory = {{ "sword", "shield", "potion" }}, Money = 1500, Name = "Builderman", RebirthCount = 1, SpeedLevel = 2 }}
         local function keep(value) return value end
+        local fromDatabase = Instance.new("DataStoreGetOptions")
+        fromDatabase.UseCache = false
         local latencies, gaps = {{}}, {{}}
         local running = {concurrency}
         local started = os.clock()

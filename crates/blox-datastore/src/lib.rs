@@ -7,6 +7,7 @@
 //! members, return values, yielding and errors.
 
 pub mod backend;
+pub mod cache;
 pub mod codec;
 mod error;
 

@@ -23,8 +23,10 @@ use mlua::{
 
 use crate::DataStoreError;
 use crate::backend::{Backend, Entry, EntryKey, StoreKind, Version, Write};
+use crate::cache::ReadCache;
 use crate::codec::{self, Stored};
 use crate::operations::{self, OperationError};
+use blox_scheduler::Scheduler;
 
 /// Limits on keys, names and scopes, in bytes (`string.len`).
 const NAME_LIMIT: usize = 50;
@@ -163,6 +165,7 @@ impl DataStoreService {
             name,
             scope,
             all_scopes,
+            cache: ReadCache::default(),
         })?;
         self.stores.borrow_mut().insert(cache_key, store.clone());
         Ok(store)
@@ -267,6 +270,7 @@ pub struct DataStore {
     name: String,
     scope: String,
     all_scopes: bool,
+    cache: ReadCache<Option<(Stored, KeyInfo)>>,
 }
 
 impl DataStore {
@@ -297,15 +301,43 @@ impl DataStore {
         })
     }
 
-    async fn get(this: UserDataRef<Self>, lua: Lua, key: Value) -> mlua::Result<MultiValue> {
+    /// Records what the object now knows of `key`, fresh for the cache window.
+    fn remember(&self, lua: &Lua, key: &EntryKey, state: Option<(Stored, KeyInfo)>) {
+        let now = Scheduler::of(lua).now();
+        self.cache.put(&key.scope, &key.key, state, now);
+    }
+
+    async fn get(
+        this: UserDataRef<Self>,
+        lua: Lua,
+        (key, options): (Value, Value),
+    ) -> mlua::Result<MultiValue> {
         let key = this.entry_key(&lua, key)?;
+        let use_cache = match &options {
+            Value::Nil => true,
+            Value::UserData(options) => options
+                .borrow::<DataStoreGetOptions>()
+                .map_err(|_| cast_error(&Value::UserData(options.clone()), "DataStoreGetOptions"))?
+                .use_cache
+                .get(),
+            other => return Err(cast_error(other, "DataStoreGetOptions").into()),
+        };
         yield_once().await;
+        if use_cache {
+            let now = Scheduler::of(&lua).now();
+            if let Some(cached) = this.cache.get(&key.scope, &key.key, now) {
+                return value_and_info(&lua, cached);
+            }
+        }
+        let read_key = key.clone();
         let found = this
             .context
             .run("GetAsync", &this.name, move |backend| async move {
-                operations::get(backend.as_ref(), &key).await
+                operations::get(backend.as_ref(), &read_key).await
             })
-            .await?;
+            .await?
+            .map(|(value, entry)| (value, KeyInfo::from_entry(&entry)));
+        this.remember(&lua, &key, found.clone());
         value_and_info(&lua, found)
     }
 
@@ -318,9 +350,11 @@ impl DataStore {
         let user_ids = user_ids_json(args.user_ids)?;
         let metadata = metadata_json(options_metadata(args.options, "DataStoreSetOptions")?)?;
         yield_once().await;
-        let version = this
+        let write_key = key.clone();
+        let (stored, info) = this
             .context
             .run("SetAsync", &this.name, move |backend| async move {
+                let stored = codec::decode(&value)?;
                 let write = Write {
                     value,
                     user_ids,
@@ -328,10 +362,18 @@ impl DataStore {
                     deleted: false,
                     now_ms: operations::now_ms(),
                 };
-                Ok(backend.write(&key, &write).await?)
+                let version = backend.write(&write_key, &write).await?;
+                let info = KeyInfo {
+                    version,
+                    user_ids: write.user_ids,
+                    metadata: write.metadata,
+                };
+                Ok((stored, info))
             })
             .await?;
-        Ok(version_string(&version))
+        let version = version_string(&info.version);
+        this.remember(&lua, &key, Some((stored, info)));
+        Ok(version)
     }
 
     async fn update(
@@ -400,6 +442,7 @@ impl DataStore {
                     user_ids: write.user_ids,
                     metadata: write.metadata,
                 };
+                this.remember(&lua, &key, Some((stored.clone(), info.clone())));
                 return (codec::to_lua(&lua, &stored)?, info).into_lua_multi(&lua);
             }
         }
@@ -411,6 +454,7 @@ impl DataStore {
         args: SetArgs,
     ) -> mlua::Result<MultiValue> {
         let key = this.entry_key(&lua, args.key)?;
+        let cache_key = key.clone();
         let delta = match &args.value {
             Value::Nil => 1,
             Value::Integer(i) => *i,
@@ -441,18 +485,26 @@ impl DataStore {
             user_ids,
             metadata,
         };
+        this.remember(
+            &lua,
+            &cache_key,
+            Some((Stored::Number(value as f64), info.clone())),
+        );
         (value as f64, info).into_lua_multi(&lua)
     }
 
     async fn remove(this: UserDataRef<Self>, lua: Lua, key: Value) -> mlua::Result<MultiValue> {
         let key = this.entry_key(&lua, key)?;
         yield_once().await;
+        let remove_key = key.clone();
         let removed = this
             .context
             .run("RemoveAsync", &this.name, move |backend| async move {
-                operations::remove(backend.as_ref(), &key).await
+                operations::remove(backend.as_ref(), &remove_key).await
             })
-            .await?;
+            .await?
+            .map(|(value, entry)| (value, KeyInfo::from_entry(&entry)));
+        this.remember(&lua, &key, None);
         value_and_info(&lua, removed)
     }
 }
@@ -530,11 +582,9 @@ fn codec_type_name(value: &Value) -> String {
     }
 }
 
-fn value_and_info(lua: &Lua, found: Option<(Stored, Entry)>) -> mlua::Result<MultiValue> {
+fn value_and_info(lua: &Lua, found: Option<(Stored, KeyInfo)>) -> mlua::Result<MultiValue> {
     match found {
-        Some((value, entry)) => {
-            (codec::to_lua(lua, &value)?, KeyInfo::from_entry(&entry)).into_lua_multi(lua)
-        }
+        Some((value, info)) => (codec::to_lua(lua, &value)?, info).into_lua_multi(lua),
         None => (Value::Nil, Value::Nil).into_lua_multi(lua),
     }
 }
@@ -646,8 +696,8 @@ impl UserData for DataStore {
 
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
         instance_methods!(methods, "DataStore", store_name);
-        methods.add_async_method("GetAsync", |lua, this, (key, _options): (Value, Value)| {
-            DataStore::get(this, lua, key)
+        methods.add_async_method("GetAsync", |lua, this, args: (Value, Value)| {
+            DataStore::get(this, lua, args)
         });
         methods.add_async_method("SetAsync", |lua, this, args: SetArgs| {
             DataStore::set(this, lua, args)
@@ -731,8 +781,8 @@ impl UserData for DataStoreOptions {
     }
 }
 
-/// `DataStoreGetOptions`: `UseCache` (accepted; Blox has no read cache yet, so every read
-/// goes to the database, as `UseCache = false` asks).
+/// `DataStoreGetOptions`: `UseCache = false` makes GetAsync read the database even when the
+/// object's cache holds a fresh answer.
 #[derive(Debug)]
 pub struct DataStoreGetOptions {
     use_cache: Cell<bool>,

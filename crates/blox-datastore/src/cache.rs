@@ -1,0 +1,89 @@
+//! The GetAsync read cache of one DataStore object (reference §9.2).
+//!
+//! Roblox keeps what a `GetAsync` read for 4 seconds; a `GetAsync` inside that window is
+//! answered locally. Writes through the same object replace the entry and restart the window,
+//! a read from the database restarts it too, and a cache hit does not extend it. Scripts can
+//! observe this (a write from another server stays invisible for up to 4 seconds), so Blox
+//! reproduces it. Entries are keyed by scope and key, because an `AllScopes` object reaches
+//! every scope of its store.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// How long a read stays fresh.
+pub const CACHE_WINDOW: Duration = Duration::from_secs(4);
+
+/// Expired entries are swept once the cache holds this many, so a long-running server that
+/// reads many keys does not grow without bound.
+const SWEEP_AT: usize = 4096;
+
+/// What one DataStore object has read or written recently.
+#[derive(Debug)]
+pub struct ReadCache<T> {
+    entries: RefCell<HashMap<(String, String), (T, Duration)>>,
+}
+
+impl<T> Default for ReadCache<T> {
+    fn default() -> Self {
+        Self {
+            entries: RefCell::default(),
+        }
+    }
+}
+
+impl<T: Clone> ReadCache<T> {
+    /// The cached state of `scope/key` if it is still fresh at `now`.
+    pub fn get(&self, scope: &str, key: &str, now: Duration) -> Option<T> {
+        let entries = self.entries.borrow();
+        let (state, expires) = entries.get(&(scope.to_owned(), key.to_owned()))?;
+        (now < *expires).then(|| state.clone())
+    }
+
+    /// Records the state of `scope/key` as of `now`, fresh for [`CACHE_WINDOW`].
+    pub fn put(&self, scope: &str, key: &str, state: T, now: Duration) {
+        let mut entries = self.entries.borrow_mut();
+        if entries.len() >= SWEEP_AT {
+            entries.retain(|_, (_, expires)| now < *expires);
+        }
+        entries.insert(
+            (scope.to_owned(), key.to_owned()),
+            (state, now + CACHE_WINDOW),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_expire_after_the_window_and_writes_restart_it() {
+        let cache = ReadCache::default();
+        let at = Duration::from_secs;
+        cache.put("global", "k", 1, at(10));
+        assert_eq!(cache.get("global", "k", at(13)), Some(1));
+        assert_eq!(cache.get("other", "k", at(13)), None);
+        assert_eq!(
+            cache.get("global", "k", at(14)),
+            None,
+            "4 seconds later it is stale"
+        );
+        cache.put("global", "k", 2, at(13));
+        assert_eq!(
+            cache.get("global", "k", at(16)),
+            Some(2),
+            "a write restarts the window"
+        );
+    }
+
+    #[test]
+    fn expired_entries_are_swept_as_the_cache_grows() {
+        let cache = ReadCache::default();
+        for i in 0..SWEEP_AT {
+            cache.put("global", &i.to_string(), i, Duration::ZERO);
+        }
+        cache.put("global", "late", 0, CACHE_WINDOW * 2);
+        assert_eq!(cache.entries.borrow().len(), 1);
+    }
+}
