@@ -171,6 +171,46 @@ fn servers_racing_on_one_key_lose_nothing(database: TestDatabase) {
     );
 }
 
+fn another_servers_write_shows_up_after_the_cache_window(database: TestDatabase) {
+    let scratch = Scratch::new(database, "cache");
+    run_blox(
+        &scratch.url,
+        7,
+        r#"game:GetService("DataStoreService"):GetDataStore("Shared"):SetAsync("k", "old")"#,
+    );
+    let (mut command, _folder) = blox_command(
+        &scratch.url,
+        7,
+        r#"
+        local store = game:GetService("DataStoreService"):GetDataStore("Shared")
+        print("first", (store:GetAsync("k")))
+        task.wait(2)
+        print("cached", (store:GetAsync("k")))
+        task.wait(2.5)
+        print("fresh", (store:GetAsync("k")))
+        "#,
+    );
+    let mut reader = command.stdout(Stdio::piped()).spawn().expect("blox starts");
+    let mut lines = BufReader::new(reader.stdout.take().expect("piped")).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "first old");
+    run_blox(
+        &scratch.url,
+        7,
+        r#"game:GetService("DataStoreService"):GetDataStore("Shared"):SetAsync("k", "new")"#,
+    );
+    assert_eq!(
+        lines.next().unwrap().unwrap(),
+        "cached old",
+        "within 4 s the read is cached"
+    );
+    assert_eq!(
+        lines.next().unwrap().unwrap(),
+        "fresh new",
+        "after 4 s the write shows"
+    );
+    assert!(reader.wait().unwrap().success());
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -186,6 +226,7 @@ on_both_backends!(
     persists_across_restart,
     kill_after_set_loses_nothing,
     servers_racing_on_one_key_lose_nothing,
+    another_servers_write_shows_up_after_the_cache_window,
 );
 
 fn assert_clean_failure(url: &str, expected: &str) {
