@@ -26,7 +26,7 @@ use crate::backend::{Backend, Entry, EntryKey, StoreKind, Version, Write};
 use crate::cache::ReadCache;
 use crate::codec::{self, Stored};
 use crate::operations::{self, OperationError};
-use blox_scheduler::Scheduler;
+use blox_scheduler::{Scheduler, Signal};
 
 /// Limits on keys, names and scopes, in bytes (`string.len`).
 const NAME_LIMIT: usize = 50;
@@ -45,6 +45,8 @@ pub struct DataStoreContext {
     backend: Arc<dyn Backend>,
     runtime: tokio::runtime::Handle,
     universe: i64,
+    /// `OnUpdate` subscriptions, fired by writes made on this server.
+    update_signals: RefCell<HashMap<EntryKey, Signal>>,
 }
 
 impl DataStoreContext {
@@ -59,7 +61,37 @@ impl DataStoreContext {
             backend,
             runtime,
             universe,
+            update_signals: RefCell::default(),
         })
+    }
+
+    /// The signal `OnUpdate` connects to for `key`.
+    fn update_signal(&self, key: EntryKey) -> Signal {
+        self.update_signals
+            .borrow_mut()
+            .entry(key)
+            .or_default()
+            .clone()
+    }
+
+    /// Fires the `OnUpdate` callbacks of `key` with its new state (nil after a removal).
+    fn notify_update(
+        &self,
+        lua: &Lua,
+        key: &EntryKey,
+        state: Option<&(Stored, KeyInfo)>,
+    ) -> mlua::Result<()> {
+        let signal = self.update_signals.borrow().get(key).cloned();
+        let Some(signal) = signal.filter(Signal::is_observed) else {
+            return Ok(());
+        };
+        let args = match state {
+            Some((value, info)) => {
+                (codec::to_lua(lua, value)?, info.clone()).into_lua_multi(lua)?
+            }
+            None => (Value::Nil, Value::Nil).into_lua_multi(lua)?,
+        };
+        signal.fire(lua, args)
     }
 
     /// Runs `work` on the database runtime and waits for it without blocking the VM thread.
@@ -307,6 +339,19 @@ impl DataStore {
         self.cache.put(&key.scope, &key.key, state, now);
     }
 
+    /// Records a write made through this object: its cache and this server's `OnUpdate`
+    /// callbacks see it at once.
+    fn written(
+        &self,
+        lua: &Lua,
+        key: &EntryKey,
+        state: Option<(Stored, KeyInfo)>,
+    ) -> mlua::Result<()> {
+        self.context.notify_update(lua, key, state.as_ref())?;
+        self.remember(lua, key, state);
+        Ok(())
+    }
+
     async fn get(
         this: UserDataRef<Self>,
         lua: Lua,
@@ -372,7 +417,7 @@ impl DataStore {
             })
             .await?;
         let version = version_string(&info.version);
-        this.remember(&lua, &key, Some((stored, info)));
+        this.written(&lua, &key, Some((stored, info)))?;
         Ok(version)
     }
 
@@ -442,7 +487,7 @@ impl DataStore {
                     user_ids: write.user_ids,
                     metadata: write.metadata,
                 };
-                this.remember(&lua, &key, Some((stored.clone(), info.clone())));
+                this.written(&lua, &key, Some((stored.clone(), info.clone())))?;
                 return (codec::to_lua(&lua, &stored)?, info).into_lua_multi(&lua);
             }
         }
@@ -485,11 +530,11 @@ impl DataStore {
             user_ids,
             metadata,
         };
-        this.remember(
+        this.written(
             &lua,
             &cache_key,
             Some((Stored::Number(value as f64), info.clone())),
-        );
+        )?;
         (value as f64, info).into_lua_multi(&lua)
     }
 
@@ -504,7 +549,7 @@ impl DataStore {
             })
             .await?
             .map(|(value, entry)| (value, KeyInfo::from_entry(&entry)));
-        this.remember(&lua, &key, None);
+        this.written(&lua, &key, None)?;
         value_and_info(&lua, removed)
     }
 }
@@ -710,6 +755,17 @@ impl UserData for DataStore {
         });
         methods.add_async_method("RemoveAsync", |lua, this, key: Value| {
             DataStore::remove(this, lua, key)
+        });
+        methods.add_method("OnUpdate", |lua, this, (key, callback): (Value, Value)| {
+            let key = this.entry_key(lua, key)?;
+            let Value::Function(callback) = callback else {
+                return Err(match callback {
+                    Value::Nil => DataStoreError::ArgumentMissing(2),
+                    other => cast_error(&other, "function"),
+                }
+                .into());
+            };
+            Ok(this.context.update_signal(key).connect(callback))
         });
     }
 }

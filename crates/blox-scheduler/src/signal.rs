@@ -23,6 +23,14 @@ struct SignalState {
 #[derive(Clone, Default)]
 pub struct Signal(Rc<RefCell<SignalState>>);
 
+impl std::fmt::Debug for Signal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signal")
+            .field("connections", &self.0.borrow().connections.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Signal {
     /// A signal with no connections.
     pub fn new() -> Self {
@@ -53,7 +61,12 @@ impl Signal {
         !state.connections.is_empty() || !state.waiters.is_empty()
     }
 
-    fn connect(&self, handler: Function, once: bool) -> SignalConnection {
+    /// Connects `handler`, as `Connect` does from Luau.
+    pub fn connect(&self, handler: Function) -> SignalConnection {
+        self.connect_with(handler, false)
+    }
+
+    fn connect_with(&self, handler: Function, once: bool) -> SignalConnection {
         let mut state = self.0.borrow_mut();
         state.next_id += 1;
         let id = state.next_id;
@@ -72,10 +85,10 @@ impl UserData for Signal {
 
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
         methods.add_method("Connect", |_, signal, handler: Function| {
-            Ok(signal.connect(handler, false))
+            Ok(signal.connect_with(handler, false))
         });
         methods.add_method("Once", |_, signal, handler: Function| {
-            Ok(signal.connect(handler, true))
+            Ok(signal.connect_with(handler, true))
         });
         methods.add_async_method("Wait", |_, signal, ()| {
             let (sender, receiver) = oneshot::channel();
