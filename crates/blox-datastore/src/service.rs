@@ -22,7 +22,7 @@ use mlua::{
 };
 
 use crate::DataStoreError;
-use crate::backend::{Backend, Entry, EntryKey, StoreKind, Version, Write};
+use crate::backend::{Backend, Entry, EntryKey, StoreKind, Version, Write, stored_text};
 use crate::cache::ReadCache;
 use crate::codec::{self, Stored};
 use crate::operations::{self, OperationError};
@@ -327,9 +327,9 @@ impl DataStore {
         Ok(EntryKey {
             universe: self.context.universe,
             kind: StoreKind::Standard,
-            store: self.name.clone(),
-            scope,
-            key,
+            store: stored_text(&self.name),
+            scope: stored_text(&scope),
+            key: stored_text(&key),
         })
     }
 

@@ -34,7 +34,8 @@ pub enum StoreKind {
 }
 
 /// The full identity of one entry. Every row belongs to a universe (a game), so two games
-/// sharing a database never see each other's data.
+/// sharing a database never see each other's data. `store`, `scope` and `key` are in
+/// [`stored_text`] form.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct EntryKey {
     /// The universe (`game.GameId`).
@@ -47,6 +48,35 @@ pub struct EntryKey {
     pub scope: String,
     /// The key within the scope.
     pub key: String,
+}
+
+/// The character that starts an escape in stored names, scopes and keys: U+10FFFF, a
+/// noncharacter that no real key uses.
+const ESCAPE: char = '\u{10FFFF}';
+
+/// The form in which a store name, scope or key is stored. PostgreSQL's `text` cannot hold
+/// NUL, which a Luau string may contain; both backends store the same escaped form, so they
+/// agree on every key. The mapping is injective (NUL becomes ESCAPE "0", ESCAPE becomes
+/// ESCAPE ESCAPE) and leaves every other string unchanged, so listing can recover keys.
+pub fn stored_text(text: &str) -> String {
+    if !text.contains(['\0', ESCAPE]) {
+        return text.to_owned();
+    }
+    let mut stored = String::with_capacity(text.len() + 4);
+    for c in text.chars() {
+        match c {
+            '\0' => {
+                stored.push(ESCAPE);
+                stored.push('0');
+            }
+            ESCAPE => {
+                stored.push(ESCAPE);
+                stored.push(ESCAPE);
+            }
+            other => stored.push(other),
+        }
+    }
+    stored
 }
 
 /// Service metadata of one version of an entry.
@@ -356,3 +386,43 @@ macro_rules! sql_backend {
     };
 }
 use sql_backend;
+
+#[cfg(test)]
+mod tests {
+    use super::{ESCAPE, stored_text};
+
+    /// The original text of a [`stored_text`] form.
+    fn unescape_stored_text(stored: &str) -> String {
+        let mut text = String::with_capacity(stored.len());
+        let mut chars = stored.chars();
+        while let Some(c) = chars.next() {
+            if c == ESCAPE {
+                match chars.next() {
+                    Some('0') => text.push('\0'),
+                    Some(other) => text.push(other),
+                    None => text.push(ESCAPE),
+                }
+            } else {
+                text.push(c);
+            }
+        }
+        text
+    }
+
+    #[test]
+    fn stored_text_is_reversible_and_keeps_plain_text() {
+        assert_eq!(stored_text("player_1"), "player_1");
+        for text in [
+            "a\0b",
+            "\0",
+            "x\u{10FFFF}0",
+            "\u{10FFFF}",
+            "\u{10FFFF}\0\u{10FFFF}",
+        ] {
+            let stored = stored_text(text);
+            assert!(!stored.contains('\0'));
+            assert_eq!(unescape_stored_text(&stored), text);
+        }
+        assert_ne!(stored_text("a\0"), stored_text("a\u{10FFFF}0"));
+    }
+}
