@@ -71,6 +71,9 @@ pub enum DataStoreError {
     /// Under `AllScopes`, a key without its `scope/` prefix.
     #[error("102: Key name must be qualified with a scope (\"scope/key\") when AllScopes is true.")]
     KeyNotScoped,
+    /// A listing's `pageSize` is negative, fractional or too large.
+    #[error("106: PageSize must be within a predefined range.")]
+    PageSizeOutOfRange,
     /// An UpdateAsync transform tried to yield.
     #[error("UpdateAsync transform function cannot yield")]
     TransformYielded,

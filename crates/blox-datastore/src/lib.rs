@@ -10,6 +10,7 @@ pub mod backend;
 pub mod cache;
 pub mod codec;
 mod error;
+pub mod listing;
 
 pub use error::DataStoreError;
 pub mod operations;

@@ -22,9 +22,12 @@ use mlua::{
 };
 
 use crate::DataStoreError;
-use crate::backend::{Backend, Entry, EntryKey, StoreKind, Version, Write, stored_text};
+use crate::backend::{
+    Backend, Entry, EntryKey, KeyListing, StoreKind, Version, Write, stored_text,
+};
 use crate::cache::ReadCache;
 use crate::codec::{self, Stored};
+use crate::listing::{self, KeyPages, KeyQuery};
 use crate::operations::{self, OperationError};
 use blox_scheduler::{Scheduler, Signal};
 
@@ -95,7 +98,12 @@ impl DataStoreContext {
     }
 
     /// Runs `work` on the database runtime and waits for it without blocking the VM thread.
-    async fn run<T, F, W>(&self, api: &'static str, store: &str, work: W) -> mlua::Result<T>
+    pub(crate) async fn run<T, F, W>(
+        &self,
+        api: &'static str,
+        store: &str,
+        work: W,
+    ) -> mlua::Result<T>
     where
         T: Send + 'static,
         F: Future<Output = Result<T, OperationError>> + Send + 'static,
@@ -538,6 +546,41 @@ impl DataStore {
         (value as f64, info).into_lua_multi(&lua)
     }
 
+    async fn list_keys(
+        this: UserDataRef<Self>,
+        (prefix, page_size, cursor, exclude_deleted): ListKeysArgs,
+    ) -> mlua::Result<KeyPages> {
+        let page_size = listing::page_size(page_size)?;
+        let after = match cursor.as_deref() {
+            None | Some("") => (String::new(), String::new()),
+            Some(cursor) => {
+                listing::decode_cursor(cursor).ok_or_else(|| listing::invalid_cursor(&this.name))?
+            }
+        };
+        let base = KeyListing {
+            universe: this.context.universe,
+            kind: StoreKind::Standard,
+            store: stored_text(&this.name),
+            scope_from: String::new(),
+            scope_to: None,
+            key_from: String::new(),
+            key_to: None,
+            after: (String::new(), String::new()),
+            exclude_deleted: exclude_deleted.unwrap_or(false),
+            limit: 0,
+        };
+        let scope = (!this.all_scopes).then(|| stored_text(&this.scope));
+        let query = KeyQuery {
+            listing: KeyQuery::listing_for(base, scope.as_deref(), prefix.as_deref().unwrap_or("")),
+            page_size,
+            qualified: this.all_scopes,
+            store_name: this.name.clone(),
+        };
+        yield_once().await;
+        let first = query.fetch(&this.context, after).await?;
+        Ok(KeyPages::new(Rc::clone(&this.context), query, first))
+    }
+
     async fn remove(this: UserDataRef<Self>, lua: Lua, key: Value) -> mlua::Result<MultiValue> {
         let key = this.entry_key(&lua, key)?;
         yield_once().await;
@@ -553,6 +596,9 @@ impl DataStore {
         value_and_info(&lua, removed)
     }
 }
+
+/// `ListKeysAsync(prefix?, pageSize?, cursor?, excludeDeleted?)`.
+type ListKeysArgs = (Option<String>, Option<f64>, Option<String>, Option<bool>);
 
 /// The arguments shared by SetAsync and IncrementAsync: key, value (or delta), user ids and
 /// an options object.
@@ -755,6 +801,9 @@ impl UserData for DataStore {
         });
         methods.add_async_method("RemoveAsync", |lua, this, key: Value| {
             DataStore::remove(this, lua, key)
+        });
+        methods.add_async_method("ListKeysAsync", |_, this, args: ListKeysArgs| {
+            DataStore::list_keys(this, args)
         });
         methods.add_method("OnUpdate", |lua, this, (key, callback): (Value, Value)| {
             let key = this.entry_key(lua, key)?;

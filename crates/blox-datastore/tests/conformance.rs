@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use blox_datastore::DataStoreError;
-use blox_datastore::backend::{self, Backend, EntryKey, OpenOptions, StoreKind, Write};
+use blox_datastore::backend::{self, Backend, EntryKey, KeyListing, OpenOptions, StoreKind, Write};
 use blox_datastore::operations::{self, OperationError};
 use blox_testkit::{Scratch, TestDatabase};
 
@@ -196,6 +196,60 @@ async fn large_values_round_trip(backend: Arc<dyn Backend>) {
     assert_eq!(backend.read(&key("big")).await.unwrap().unwrap().value, big);
 }
 
+async fn lists_keys_in_byte_order_with_keyset_pages(backend: Arc<dyn Backend>) {
+    for name in ["b", "a", "ab", "é", "B", "a\u{1}\u{1}"] {
+        backend.write(&key(name), &write("1", 1)).await.unwrap();
+    }
+    backend
+        .write(
+            &EntryKey {
+                scope: "other".to_owned(),
+                ..key("a")
+            },
+            &write("1", 1),
+        )
+        .await
+        .unwrap();
+    let listing = |after: (&str, &str), limit| KeyListing {
+        universe: 1,
+        kind: StoreKind::Standard,
+        store: "Conformance".to_owned(),
+        scope_from: "global".to_owned(),
+        scope_to: Some("global\u{1}".to_owned()),
+        key_from: String::new(),
+        key_to: None,
+        after: (after.0.to_owned(), after.1.to_owned()),
+        exclude_deleted: false,
+        limit,
+    };
+    let keys = |rows: Vec<(String, String)>| rows.into_iter().map(|(_, k)| k).collect::<Vec<_>>();
+    let first = backend.list_keys(&listing(("", ""), 3)).await.unwrap();
+    assert_eq!(keys(first), ["B", "a", "a\u{1}\u{1}"]);
+    let rest = backend
+        .list_keys(&listing(("global", "a\u{1}\u{1}"), 10))
+        .await
+        .unwrap();
+    assert_eq!(keys(rest), ["ab", "b", "é"]);
+
+    let mut prefixed = listing(("", ""), 10);
+    prefixed.key_from = "a".to_owned();
+    prefixed.key_to = backend::prefix_end("a");
+    assert_eq!(
+        keys(backend.list_keys(&prefixed).await.unwrap()),
+        ["a", "a\u{1}\u{1}", "ab"]
+    );
+
+    operations::remove(backend.as_ref(), &key("b"))
+        .await
+        .unwrap();
+    let mut live = listing(("", ""), 10);
+    live.exclude_deleted = true;
+    assert_eq!(
+        keys(backend.list_keys(&live).await.unwrap()),
+        ["B", "a", "a\u{1}\u{1}", "ab", "é"]
+    );
+}
+
 async fn migrations_apply_once(database: TestDatabase) {
     let scratch = Scratch::new(database, "migrations");
     let opens: Vec<_> = (0..4)
@@ -259,4 +313,5 @@ conformance!(
     increments_are_atomic,
     increment_rejects_non_integers_and_writes_nothing,
     large_values_round_trip,
+    lists_keys_in_byte_order_with_keyset_pages,
 );

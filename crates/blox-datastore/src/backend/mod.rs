@@ -50,14 +50,14 @@ pub struct EntryKey {
     pub key: String,
 }
 
-/// The character that starts an escape in stored names, scopes and keys: U+10FFFF, a
-/// noncharacter that no real key uses.
-const ESCAPE: char = '\u{10FFFF}';
+/// The character that starts an escape in stored names, scopes and keys.
+const ESCAPE: char = '\u{1}';
 
 /// The form in which a store name, scope or key is stored. PostgreSQL's `text` cannot hold
 /// NUL, which a Luau string may contain; both backends store the same escaped form, so they
-/// agree on every key. The mapping is injective (NUL becomes ESCAPE "0", ESCAPE becomes
-/// ESCAPE ESCAPE) and leaves every other string unchanged, so listing can recover keys.
+/// agree on every key. NUL becomes U+0001 U+0001 and U+0001 becomes U+0001 U+0002; every
+/// other string is stored unchanged. The mapping is injective and keeps byte order (NUL <
+/// U+0001 < every other character), so listings stay in the order of the original keys.
 pub fn stored_text(text: &str) -> String {
     if !text.contains(['\0', ESCAPE]) {
         return text.to_owned();
@@ -65,18 +65,47 @@ pub fn stored_text(text: &str) -> String {
     let mut stored = String::with_capacity(text.len() + 4);
     for c in text.chars() {
         match c {
-            '\0' => {
-                stored.push(ESCAPE);
-                stored.push('0');
-            }
-            ESCAPE => {
-                stored.push(ESCAPE);
-                stored.push(ESCAPE);
-            }
+            '\0' => stored.extend([ESCAPE, '\u{1}']),
+            ESCAPE => stored.extend([ESCAPE, '\u{2}']),
             other => stored.push(other),
         }
     }
     stored
+}
+
+/// The original text of a [`stored_text`] form.
+pub fn unescape_stored_text(stored: &str) -> String {
+    let mut text = String::with_capacity(stored.len());
+    let mut chars = stored.chars();
+    while let Some(c) = chars.next() {
+        match (c, c == ESCAPE) {
+            (_, true) => match chars.next() {
+                Some('\u{1}') => text.push('\0'),
+                Some('\u{2}') | None => text.push(ESCAPE),
+                Some(other) => text.extend([ESCAPE, other]),
+            },
+            (c, false) => text.push(c),
+        }
+    }
+    text
+}
+
+/// The smallest string above every string that starts with `prefix`, or `None` when there
+/// is none (an empty prefix, or one made only of U+10FFFF): the exclusive end of a prefix
+/// range in code-point order, which is byte order for UTF-8.
+pub fn prefix_end(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let next = match last {
+            '\u{D7FF}' => Some('\u{E000}'),
+            c => char::from_u32(c as u32 + 1),
+        };
+        if let Some(next) = next {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
 }
 
 /// Service metadata of one version of an entry.
@@ -103,6 +132,33 @@ pub struct Entry {
     pub version: Version,
     /// True when the latest version is a removal tombstone.
     pub deleted: bool,
+}
+
+/// One page request of `ListKeysAsync`: keys of one store in (scope, key) byte order,
+/// within a scope range and a key range, after an exclusive cursor. All text is in
+/// [`stored_text`] form.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyListing {
+    /// The universe.
+    pub universe: i64,
+    /// The kind of store.
+    pub kind: StoreKind,
+    /// The store's name.
+    pub store: String,
+    /// Lowest scope listed (inclusive).
+    pub scope_from: String,
+    /// End of the scope range (exclusive); `None` for no end.
+    pub scope_to: Option<String>,
+    /// Lowest key listed (inclusive).
+    pub key_from: String,
+    /// End of the key range (exclusive); `None` for no end.
+    pub key_to: Option<String>,
+    /// Only keys after this (scope, key) are listed.
+    pub after: (String, String),
+    /// Leave out keys whose latest version is a removal tombstone.
+    pub exclude_deleted: bool,
+    /// The most keys to return.
+    pub limit: i64,
 }
 
 /// What a write stores.
@@ -179,6 +235,10 @@ pub trait Backend: Send + Sync + fmt::Debug {
         created_ms: i64,
         write: &Write,
     ) -> Result<Option<Version>, BackendError>;
+
+    /// One page of (scope, key) pairs, in byte order. Served by the primary key, so a page
+    /// costs the same wherever the cursor is.
+    async fn list_keys(&self, listing: &KeyListing) -> Result<Vec<(String, String)>, BackendError>;
 }
 
 /// How to open a backend.
@@ -249,6 +309,9 @@ pub struct Statements {
     /// Updates a key only at the expected sequence (value, user_ids, metadata, expected_seq,
     /// new_seq, created_ms, now_ms, deleted).
     pub update_if_seq: &'static str,
+    /// Lists keys (universe, kind, store, scope_from, scope_to, key_from, key_to, after
+    /// scope, after key, exclude_deleted, limit), returning scope, entry_key.
+    pub list_keys: &'static str,
 }
 
 type Arguments<DB> = <DB as sqlx::Database>::Arguments;
@@ -382,6 +445,31 @@ macro_rules! sql_backend {
                     }),
                 )
             }
+
+            async fn list_keys(
+                &self,
+                listing: &$crate::backend::KeyListing,
+            ) -> Result<Vec<(String, String)>, $crate::backend::BackendError> {
+                let rows = sqlx::query::<$db>($statements.list_keys)
+                    .bind(listing.universe)
+                    .bind(listing.kind as i16)
+                    .bind(listing.store.clone())
+                    .bind(listing.scope_from.clone())
+                    .bind(listing.scope_to.clone())
+                    .bind(listing.key_from.clone())
+                    .bind(listing.key_to.clone())
+                    .bind(listing.after.0.clone())
+                    .bind(listing.after.1.clone())
+                    .bind(listing.exclude_deleted)
+                    .bind(listing.limit)
+                    .fetch_all(&self.$read)
+                    .await?;
+                let pairs: Result<Vec<(String, String)>, sqlx::Error> = rows
+                    .iter()
+                    .map(|row| Ok((sqlx::Row::try_get(row, 0)?, sqlx::Row::try_get(row, 1)?)))
+                    .collect();
+                Ok(pairs?)
+            }
         }
     };
 }
@@ -389,25 +477,7 @@ use sql_backend;
 
 #[cfg(test)]
 mod tests {
-    use super::{ESCAPE, stored_text};
-
-    /// The original text of a [`stored_text`] form.
-    fn unescape_stored_text(stored: &str) -> String {
-        let mut text = String::with_capacity(stored.len());
-        let mut chars = stored.chars();
-        while let Some(c) = chars.next() {
-            if c == ESCAPE {
-                match chars.next() {
-                    Some('0') => text.push('\0'),
-                    Some(other) => text.push(other),
-                    None => text.push(ESCAPE),
-                }
-            } else {
-                text.push(c);
-            }
-        }
-        text
-    }
+    use super::{stored_text, unescape_stored_text};
 
     #[test]
     fn stored_text_is_reversible_and_keeps_plain_text() {
@@ -415,14 +485,27 @@ mod tests {
         for text in [
             "a\0b",
             "\0",
-            "x\u{10FFFF}0",
-            "\u{10FFFF}",
-            "\u{10FFFF}\0\u{10FFFF}",
+            "x\u{1}\u{1}",
+            "\u{1}",
+            "\u{1}\0\u{2}",
+            "é\0日",
         ] {
             let stored = stored_text(text);
             assert!(!stored.contains('\0'));
             assert_eq!(unescape_stored_text(&stored), text);
         }
-        assert_ne!(stored_text("a\0"), stored_text("a\u{10FFFF}0"));
+        assert_ne!(stored_text("a\0"), stored_text("a\u{1}"));
+    }
+
+    #[test]
+    fn stored_text_keeps_byte_order() {
+        let mut texts = [
+            "p\0null", "player", "p\u{1}", "p", "p\0", "p\0\0", "q", "p\u{2}", "\0",
+        ];
+        let mut stored: Vec<String> = texts.iter().map(|t| stored_text(t)).collect();
+        texts.sort();
+        stored.sort();
+        let back: Vec<String> = stored.iter().map(|s| unescape_stored_text(s)).collect();
+        assert_eq!(back, texts);
     }
 }

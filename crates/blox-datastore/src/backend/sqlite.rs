@@ -62,6 +62,12 @@ pub const STATEMENTS: Statements = Statements {
             version_seq = ?10, created_ms = ?11, updated_ms = ?12, deleted = ?13 \
             WHERE universe_id = ?1 AND store_kind = ?2 AND store_name = ?3 AND scope = ?4 \
             AND entry_key = ?5 AND version_seq = ?9",
+    list_keys: "SELECT scope, entry_key FROM blox_entries \
+            WHERE universe_id = ?1 AND store_kind = ?2 AND store_name = ?3 \
+            AND scope >= ?4 AND (?5 IS NULL OR scope < ?5) \
+            AND entry_key >= ?6 AND (?7 IS NULL OR entry_key < ?7) \
+            AND (scope, entry_key) > (?8, ?9) AND (NOT ?10 OR NOT deleted) \
+            ORDER BY scope, entry_key LIMIT ?11",
 };
 
 /// Entries in a SQLite file.
