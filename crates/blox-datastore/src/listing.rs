@@ -1,9 +1,11 @@
-//! `ListKeysAsync` and its pages: `DataStoreKeyPages` of `DataStoreKey` items.
+//! Listings and their pages: `ListKeysAsync` (`DataStoreKeyPages` of `DataStoreKey`) and
+//! `ListDataStoresAsync` (`DataStoreListingPages` of `DataStoreInfo`).
 //!
-//! Pages use keyset pagination over the primary key (scope, key): each page is one index
-//! range scan starting after the previous page's last key, so a page costs the same at key
-//! 10 as at key 1,000,000, and keys written meanwhile never shift a page. The cursor handed
-//! to scripts encodes that last (scope, key); it is opaque to them, as on Roblox.
+//! Pages use keyset pagination over the primary key: each page starts after the previous
+//! page's last (scope, key), or last store name, so keys written meanwhile never shift a page
+//! and a key page costs the same at key 10 as at key 1,000,000. The cursor handed to scripts
+//! encodes that position; it is opaque to them, as on Roblox. One generic [`Pages`] object
+//! serves every listing through the [`PageSource`] it is given.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -11,14 +13,35 @@ use std::rc::Rc;
 use mlua::{MetaMethod, UserData, UserDataFields, UserDataMethods};
 
 use crate::DataStoreError;
-use crate::backend::{KeyListing, prefix_end, unescape_stored_text};
+use crate::backend::{KeyListing, StoreListing, prefix_end, unescape_stored_text};
 use crate::service::DataStoreContext;
 
 /// Keys per page when the script passes 0 (or nothing), as Roblox's backend does.
 pub const DEFAULT_KEY_PAGE_SIZE: i64 = 50;
 
-/// Where the next page starts: after this (scope, key), in stored form.
+/// Stores per page when the script passes 0 (or nothing), as Roblox's backend does.
+pub const DEFAULT_STORE_PAGE_SIZE: i64 = 32;
+
+/// Where the next page starts, in stored form: after this (scope, key), or for store
+/// listings after the store named by the second part.
 type Position = (String, String);
+
+/// One page of items and where the next page starts (`None` on the last page).
+type Page<T> = (Vec<T>, Option<Position>);
+
+/// What a [`Pages`] object lists.
+pub(crate) trait PageSource: 'static {
+    /// One item of a page.
+    type Item: mlua::IntoLua + Clone + 'static;
+    /// The Roblox class of the pages object.
+    const CLASS: &'static str;
+    /// The page after `after`.
+    async fn fetch(
+        &self,
+        context: &DataStoreContext,
+        after: Position,
+    ) -> mlua::Result<Page<Self::Item>>;
+}
 
 /// What a `ListKeysAsync` call lists, independent of the page.
 #[derive(Debug, Clone)]
@@ -61,14 +84,17 @@ impl KeyQuery {
         }
         listing
     }
+}
 
-    /// Fetches the page after `after`: its key names and where the next page starts, if
-    /// there is one.
-    pub(crate) async fn fetch(
+impl PageSource for KeyQuery {
+    type Item = DataStoreKey;
+    const CLASS: &'static str = "DataStoreKeyPages";
+
+    async fn fetch(
         &self,
         context: &DataStoreContext,
         after: Position,
-    ) -> mlua::Result<(Vec<String>, Option<Position>)> {
+    ) -> mlua::Result<Page<DataStoreKey>> {
         let mut listing = self.listing.clone();
         listing.after = after;
         listing.limit = self.page_size + 1;
@@ -86,14 +112,69 @@ impl KeyQuery {
             .iter()
             .map(|(scope, key)| {
                 let key = unescape_stored_text(key);
-                if self.qualified {
+                DataStoreKey(if self.qualified {
                     format!("{}/{key}", unescape_stored_text(scope))
                 } else {
                     key
-                }
+                })
             })
             .collect();
         Ok((names, next))
+    }
+}
+
+/// What a `ListDataStoresAsync` call lists, independent of the page.
+#[derive(Debug, Clone)]
+pub(crate) struct StoreQuery {
+    pub(crate) listing: StoreListing,
+    pub(crate) page_size: i64,
+}
+
+impl StoreQuery {
+    /// The listing of the stores whose names start with `prefix`.
+    pub(crate) fn listing_for(mut listing: StoreListing, prefix: &str) -> StoreListing {
+        let prefix = crate::backend::stored_text(prefix);
+        listing.name_to = prefix_end(&prefix);
+        listing.name_from = prefix;
+        listing
+    }
+}
+
+impl PageSource for StoreQuery {
+    type Item = DataStoreInfo;
+    const CLASS: &'static str = "DataStoreListingPages";
+
+    async fn fetch(
+        &self,
+        context: &DataStoreContext,
+        after: Position,
+    ) -> mlua::Result<Page<DataStoreInfo>> {
+        let mut listing = self.listing.clone();
+        listing.after = after.1;
+        listing.limit = self.page_size + 1;
+        let mut stores = context
+            .run("ListDataStoresAsync", "", move |backend| async move {
+                Ok(backend.list_stores(&listing).await?)
+            })
+            .await?;
+        let more = stores.len() as i64 > self.page_size;
+        stores.truncate(self.page_size as usize);
+        let next = if more {
+            stores
+                .last()
+                .map(|store| (String::new(), store.name.clone()))
+        } else {
+            None
+        };
+        let infos = stores
+            .into_iter()
+            .map(|store| DataStoreInfo {
+                name: unescape_stored_text(&store.name),
+                created_ms: store.created_ms,
+                updated_ms: store.updated_ms,
+            })
+            .collect();
+        Ok((infos, next))
     }
 }
 
@@ -120,38 +201,40 @@ pub(crate) fn decode_cursor(cursor: &str) -> Option<Position> {
 }
 
 /// The error for a cursor Blox did not hand out.
-pub(crate) fn invalid_cursor(store: &str) -> mlua::Error {
+pub(crate) fn invalid_cursor(api: &str, store: &str) -> mlua::Error {
     mlua::Error::RuntimeError(format!(
-        "DataStoreService: InvalidExclusiveStartKey: The provided exclusive start key is not valid. API: ListKeysAsync, Data Store: {store}"
+        "DataStoreService: InvalidExclusiveStartKey: The provided exclusive start key is not valid. API: {api}, Data Store: {store}"
     ))
 }
 
-/// `DataStoreKeyPages`.
-pub struct KeyPages {
+/// A pages object (`DataStoreKeyPages`, `DataStoreListingPages`) over any [`PageSource`].
+pub(crate) struct Pages<S: PageSource> {
     context: Rc<DataStoreContext>,
-    query: KeyQuery,
-    page: RefCell<(Vec<String>, Option<Position>)>,
+    source: S,
+    page: RefCell<Page<S::Item>>,
 }
 
-impl KeyPages {
-    pub(crate) fn new(
+impl<S: PageSource> Pages<S> {
+    /// Fetches the first page (after `after`) and wraps it.
+    pub(crate) async fn first(
         context: Rc<DataStoreContext>,
-        query: KeyQuery,
-        page: (Vec<String>, Option<Position>),
-    ) -> Self {
-        Self {
+        source: S,
+        after: Position,
+    ) -> mlua::Result<Self> {
+        let page = source.fetch(&context, after).await?;
+        Ok(Self {
             context,
-            query,
+            source,
             page: RefCell::new(page),
-        }
+        })
     }
 }
 
-impl UserData for KeyPages {
+impl<S: PageSource> UserData for Pages<S> {
     fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
         fields.add_meta_field(MetaMethod::Type, "Instance");
-        fields.add_field("ClassName", "DataStoreKeyPages");
-        fields.add_field("Name", "DataStoreKeyPages");
+        fields.add_field("ClassName", S::CLASS);
+        fields.add_field("Name", S::CLASS);
         fields.add_field_method_get("IsFinished", |_, pages| Ok(pages.page.borrow().1.is_none()));
         fields.add_field_method_get("Cursor", |_, pages| {
             Ok(pages
@@ -166,11 +249,7 @@ impl UserData for KeyPages {
 
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
         methods.add_method("GetCurrentPage", |lua, pages, ()| {
-            let list = lua.create_table()?;
-            for (index, name) in pages.page.borrow().0.iter().enumerate() {
-                list.raw_set(index + 1, DataStoreKey(name.clone()))?;
-            }
-            Ok(list)
+            lua.create_sequence_from(pages.page.borrow().0.iter().cloned())
         });
         methods.add_async_method("AdvanceToNextPageAsync", |_, pages, ()| async move {
             let Some(after) = pages.page.borrow().1.clone() else {
@@ -178,17 +257,14 @@ impl UserData for KeyPages {
                     "No pages to advance to".to_owned(),
                 ));
             };
-            let next = pages.query.fetch(&pages.context, after).await?;
+            let next = pages.source.fetch(&pages.context, after).await?;
             *pages.page.borrow_mut() = next;
             Ok(())
         });
         methods.add_method("IsA", |_, _, class: String| {
-            Ok(matches!(
-                class.as_str(),
-                "DataStoreKeyPages" | "Pages" | "Instance"
-            ))
+            Ok(class == S::CLASS || class == "Pages" || class == "Instance")
         });
-        methods.add_meta_method(MetaMethod::ToString, |_, _, ()| Ok("DataStoreKeyPages"));
+        methods.add_meta_method(MetaMethod::ToString, |_, _, ()| Ok(S::CLASS));
     }
 }
 
@@ -209,10 +285,33 @@ impl UserData for DataStoreKey {
     }
 }
 
-/// Validates a `pageSize` argument; 0 means the default.
-pub(crate) fn page_size(value: Option<f64>) -> Result<i64, DataStoreError> {
+/// `DataStoreInfo`: one item of a `DataStoreListingPages`.
+#[derive(Debug, Clone)]
+pub struct DataStoreInfo {
+    name: String,
+    created_ms: i64,
+    updated_ms: i64,
+}
+
+impl UserData for DataStoreInfo {
+    fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
+        fields.add_meta_field(MetaMethod::Type, "Instance");
+        fields.add_field("ClassName", "DataStoreInfo");
+        fields.add_field("Name", "DataStoreInfo");
+        fields.add_field_method_get("DataStoreName", |_, info| Ok(info.name.clone()));
+        fields.add_field_method_get("CreatedTime", |_, info| Ok(info.created_ms));
+        fields.add_field_method_get("UpdatedTime", |_, info| Ok(info.updated_ms));
+    }
+
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_meta_method(MetaMethod::ToString, |_, _, ()| Ok("DataStoreInfo"));
+    }
+}
+
+/// Validates a `pageSize` argument; 0 means `default`.
+pub(crate) fn page_size(value: Option<f64>, default: i64) -> Result<i64, DataStoreError> {
     match value {
-        None | Some(0.0) => Ok(DEFAULT_KEY_PAGE_SIZE),
+        None | Some(0.0) => Ok(default),
         Some(size) if size > 0.0 && size.fract() == 0.0 && size <= 10_000.0 => Ok(size as i64),
         Some(_) => Err(DataStoreError::PageSizeOutOfRange),
     }

@@ -23,11 +23,11 @@ use mlua::{
 
 use crate::DataStoreError;
 use crate::backend::{
-    Backend, Entry, EntryKey, KeyListing, StoreKind, Version, Write, stored_text,
+    Backend, Entry, EntryKey, KeyListing, StoreKind, StoreListing, Version, Write, stored_text,
 };
 use crate::cache::ReadCache;
 use crate::codec::{self, Stored};
-use crate::listing::{self, KeyPages, KeyQuery};
+use crate::listing::{self, KeyQuery, Pages, StoreQuery};
 use crate::operations::{self, OperationError};
 use blox_scheduler::{Scheduler, Signal};
 
@@ -265,6 +265,27 @@ impl UserData for DataStoreService {
             // The global store has no name of its own; "" can never collide with a named one.
             service.store(lua, String::new(), "u".to_owned(), false)
         });
+        methods.add_async_method(
+            "ListDataStoresAsync",
+            |_, service, (prefix, page_size, cursor): (Option<String>, Option<f64>, Option<String>)| async move {
+                let page_size = listing::page_size(page_size, listing::DEFAULT_STORE_PAGE_SIZE)?;
+                let after = start_after(cursor, "ListDataStoresAsync", "")?;
+                let base = StoreListing {
+                    universe: service.context.universe,
+                    kind: StoreKind::Standard,
+                    name_from: String::new(),
+                    name_to: None,
+                    after: String::new(),
+                    limit: 0,
+                };
+                let query = StoreQuery {
+                    listing: StoreQuery::listing_for(base, prefix.as_deref().unwrap_or("")),
+                    page_size,
+                };
+                yield_once().await;
+                Pages::first(Rc::clone(&service.context), query, after).await
+            },
+        );
         methods.add_method("GetRequestBudgetForRequestType", |_, _, _: Value| {
             // Blox does not throttle yet: report the documented per-minute base budget.
             Ok(60)
@@ -549,14 +570,9 @@ impl DataStore {
     async fn list_keys(
         this: UserDataRef<Self>,
         (prefix, page_size, cursor, exclude_deleted): ListKeysArgs,
-    ) -> mlua::Result<KeyPages> {
-        let page_size = listing::page_size(page_size)?;
-        let after = match cursor.as_deref() {
-            None | Some("") => (String::new(), String::new()),
-            Some(cursor) => {
-                listing::decode_cursor(cursor).ok_or_else(|| listing::invalid_cursor(&this.name))?
-            }
-        };
+    ) -> mlua::Result<Pages<KeyQuery>> {
+        let page_size = listing::page_size(page_size, listing::DEFAULT_KEY_PAGE_SIZE)?;
+        let after = start_after(cursor, "ListKeysAsync", &this.name)?;
         let base = KeyListing {
             universe: this.context.universe,
             kind: StoreKind::Standard,
@@ -577,8 +593,7 @@ impl DataStore {
             store_name: this.name.clone(),
         };
         yield_once().await;
-        let first = query.fetch(&this.context, after).await?;
-        Ok(KeyPages::new(Rc::clone(&this.context), query, first))
+        Pages::first(Rc::clone(&this.context), query, after).await
     }
 
     async fn remove(this: UserDataRef<Self>, lua: Lua, key: Value) -> mlua::Result<MultiValue> {
@@ -594,6 +609,20 @@ impl DataStore {
             .map(|(value, entry)| (value, KeyInfo::from_entry(&entry)));
         this.written(&lua, &key, None)?;
         value_and_info(&lua, removed)
+    }
+}
+
+/// Where a listing starts: after the position a cursor names, or at the beginning.
+fn start_after(
+    cursor: Option<String>,
+    api: &'static str,
+    store: &str,
+) -> mlua::Result<(String, String)> {
+    match cursor.as_deref() {
+        None | Some("") => Ok((String::new(), String::new())),
+        Some(cursor) => {
+            listing::decode_cursor(cursor).ok_or_else(|| listing::invalid_cursor(api, store))
+        }
     }
 }
 

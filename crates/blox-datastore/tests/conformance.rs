@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use blox_datastore::DataStoreError;
-use blox_datastore::backend::{self, Backend, EntryKey, KeyListing, OpenOptions, StoreKind, Write};
+use blox_datastore::backend::{
+    self, Backend, EntryKey, KeyListing, OpenOptions, StoreKind, StoreListing, Write,
+};
 use blox_datastore::operations::{self, OperationError};
 use blox_testkit::{Scratch, TestDatabase};
 
@@ -250,6 +252,46 @@ async fn lists_keys_in_byte_order_with_keyset_pages(backend: Arc<dyn Backend>) {
     );
 }
 
+async fn lists_stores_holding_live_keys(backend: Arc<dyn Backend>) {
+    for (store, at) in [("b", 5), ("a", 1), ("a", 9), ("c", 3), ("", 1)] {
+        let entry = EntryKey {
+            store: store.to_owned(),
+            key: format!("k{at}"),
+            ..key("k")
+        };
+        backend.write(&entry, &write("1", at)).await.unwrap();
+    }
+    let removed = EntryKey {
+        store: "c".to_owned(),
+        key: "k3".to_owned(),
+        ..key("k")
+    };
+    operations::remove(backend.as_ref(), &removed)
+        .await
+        .unwrap();
+    let listing = |after: &str, limit| StoreListing {
+        universe: 1,
+        kind: StoreKind::Standard,
+        name_from: String::new(),
+        name_to: None,
+        after: after.to_owned(),
+        limit,
+    };
+    let stores = backend.list_stores(&listing("", 10)).await.unwrap();
+    let summary: Vec<_> = stores
+        .iter()
+        .map(|s| (s.name.as_str(), s.created_ms, s.updated_ms))
+        .collect();
+    assert_eq!(
+        summary,
+        [("a", 1, 9), ("b", 5, 5)],
+        "only stores with a live key"
+    );
+    let after_a = backend.list_stores(&listing("a", 10)).await.unwrap();
+    assert_eq!(after_a.len(), 1);
+    assert_eq!(after_a[0].name, "b");
+}
+
 async fn migrations_apply_once(database: TestDatabase) {
     let scratch = Scratch::new(database, "migrations");
     let opens: Vec<_> = (0..4)
@@ -314,4 +356,5 @@ conformance!(
     increment_rejects_non_integers_and_writes_nothing,
     large_values_round_trip,
     lists_keys_in_byte_order_with_keyset_pages,
+    lists_stores_holding_live_keys,
 );

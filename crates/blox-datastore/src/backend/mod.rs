@@ -161,6 +161,35 @@ pub struct KeyListing {
     pub limit: i64,
 }
 
+/// One page request of `ListDataStoresAsync`: names of stores that hold a live key, in byte
+/// order, within a name range, after an exclusive cursor. Names are in [`stored_text`] form.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreListing {
+    /// The universe.
+    pub universe: i64,
+    /// The kind of store.
+    pub kind: StoreKind,
+    /// Lowest name listed (inclusive).
+    pub name_from: String,
+    /// End of the name range (exclusive); `None` for no end.
+    pub name_to: Option<String>,
+    /// Only stores named after this are listed.
+    pub after: String,
+    /// The most stores to return.
+    pub limit: i64,
+}
+
+/// One store of a listing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreSummary {
+    /// The store's name, in [`stored_text`] form.
+    pub name: String,
+    /// The earliest creation time of its live keys (Unix milliseconds).
+    pub created_ms: i64,
+    /// The latest update time of its live keys (Unix milliseconds).
+    pub updated_ms: i64,
+}
+
 /// What a write stores.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Write {
@@ -239,6 +268,10 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// One page of (scope, key) pairs, in byte order. Served by the primary key, so a page
     /// costs the same wherever the cursor is.
     async fn list_keys(&self, listing: &KeyListing) -> Result<Vec<(String, String)>, BackendError>;
+
+    /// One page of the stores holding at least one live key, by name. The global store
+    /// (`GetGlobalDataStore`, whose name is empty) is never listed.
+    async fn list_stores(&self, listing: &StoreListing) -> Result<Vec<StoreSummary>, BackendError>;
 }
 
 /// How to open a backend.
@@ -312,6 +345,9 @@ pub struct Statements {
     /// Lists keys (universe, kind, store, scope_from, scope_to, key_from, key_to, after
     /// scope, after key, exclude_deleted, limit), returning scope, entry_key.
     pub list_keys: &'static str,
+    /// Lists stores (universe, kind, name_from, name_to, after, limit), returning
+    /// store_name, MIN(created_ms), MAX(updated_ms) over live keys.
+    pub list_stores: &'static str,
 }
 
 type Arguments<DB> = <DB as sqlx::Database>::Arguments;
@@ -469,6 +505,32 @@ macro_rules! sql_backend {
                     .map(|row| Ok((sqlx::Row::try_get(row, 0)?, sqlx::Row::try_get(row, 1)?)))
                     .collect();
                 Ok(pairs?)
+            }
+
+            async fn list_stores(
+                &self,
+                listing: &$crate::backend::StoreListing,
+            ) -> Result<Vec<$crate::backend::StoreSummary>, $crate::backend::BackendError> {
+                let rows = sqlx::query::<$db>($statements.list_stores)
+                    .bind(listing.universe)
+                    .bind(listing.kind as i16)
+                    .bind(listing.name_from.clone())
+                    .bind(listing.name_to.clone())
+                    .bind(listing.after.clone())
+                    .bind(listing.limit)
+                    .fetch_all(&self.$read)
+                    .await?;
+                let stores: Result<Vec<_>, sqlx::Error> = rows
+                    .iter()
+                    .map(|row| {
+                        Ok($crate::backend::StoreSummary {
+                            name: sqlx::Row::try_get(row, 0)?,
+                            created_ms: sqlx::Row::try_get(row, 1)?,
+                            updated_ms: sqlx::Row::try_get(row, 2)?,
+                        })
+                    })
+                    .collect();
+                Ok(stores?)
             }
         }
     };

@@ -68,6 +68,11 @@ pub const STATEMENTS: Statements = Statements {
             AND entry_key >= ?6 AND (?7 IS NULL OR entry_key < ?7) \
             AND (scope, entry_key) > (?8, ?9) AND (NOT ?10 OR NOT deleted) \
             ORDER BY scope, entry_key LIMIT ?11",
+    list_stores: "SELECT store_name, MIN(created_ms), MAX(updated_ms) FROM blox_entries \
+            WHERE universe_id = ?1 AND store_kind = ?2 AND store_name >= ?3 \
+            AND (?4 IS NULL OR store_name < ?4) AND store_name > ?5 \
+            AND store_name <> '' AND NOT deleted \
+            GROUP BY store_name ORDER BY store_name LIMIT ?6",
 };
 
 /// Entries in a SQLite file.
