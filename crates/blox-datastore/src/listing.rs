@@ -105,9 +105,7 @@ impl PageSource for KeyQuery {
                 move |backend| async move { Ok(backend.list_keys(&listing).await?) },
             )
             .await?;
-        let more = rows.len() as i64 > self.page_size;
-        rows.truncate(self.page_size as usize);
-        let next = if more { rows.last().cloned() } else { None };
+        let next = keep_page(&mut rows, self.page_size).cloned();
         let names = rows
             .iter()
             .map(|(scope, key)| {
@@ -157,15 +155,8 @@ impl PageSource for StoreQuery {
                 Ok(backend.list_stores(&listing).await?)
             })
             .await?;
-        let more = stores.len() as i64 > self.page_size;
-        stores.truncate(self.page_size as usize);
-        let next = if more {
-            stores
-                .last()
-                .map(|store| (String::new(), store.name.clone()))
-        } else {
-            None
-        };
+        let next =
+            keep_page(&mut stores, self.page_size).map(|store| (String::new(), store.name.clone()));
         let infos = stores
             .into_iter()
             .map(|store| DataStoreInfo {
@@ -176,6 +167,14 @@ impl PageSource for StoreQuery {
             .collect();
         Ok((infos, next))
     }
+}
+
+/// Cuts `rows` (fetched with one row more than a page) down to one page, and returns the
+/// page's last row when more rows follow it: where the next page starts.
+fn keep_page<T>(rows: &mut Vec<T>, page_size: i64) -> Option<&T> {
+    let more = rows.len() as i64 > page_size;
+    rows.truncate(page_size as usize);
+    rows.last().filter(|_| more)
 }
 
 /// The opaque cursor of a position: hex of "scope NUL key" (stored text holds no NUL).
