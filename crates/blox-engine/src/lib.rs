@@ -22,6 +22,10 @@ use mlua::{
 
 pub use services::ServerIdentity;
 
+/// How long a thread may run without yielding before it is stopped with Roblox's "Script
+/// timeout" error (Roblox's default).
+pub const SCRIPT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long `game:BindToClose` callbacks may run on shutdown, as on Roblox.
 pub const CLOSE_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -66,6 +70,7 @@ impl Engine {
     ) -> Result<Self, EngineError> {
         let lua = Lua::new_with(StdLib::ALL_SAFE, LuaOptions::default())?;
         let scheduler = Scheduler::attach(&lua, clock)?;
+        scheduler.limit_execution_time(&lua, SCRIPT_TIMEOUT);
         let game = lua.create_userdata(services::DataModel::new(identity, datastore))?;
         services::drive_frames(&game, &scheduler);
         install_globals(&lua, &game)?;

@@ -18,10 +18,12 @@
 mod clock;
 mod library;
 mod signal;
+mod watchdog;
 
 pub use clock::{Clock, ManualClock, RealClock};
 pub use library::install;
 pub use signal::{Signal, SignalConnection};
+pub use watchdog::TIMEOUT_MESSAGE;
 
 use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
@@ -124,6 +126,9 @@ pub struct Scheduler {
     last_frame: Cell<Duration>,
     errors: RefCell<Vec<ThreadError>>,
     traceback: Function,
+    watchdog: RefCell<Option<watchdog::Watchdog>>,
+    /// How many polls are running inside each other (task.spawn resumes at once).
+    poll_depth: Cell<usize>,
 }
 
 impl Scheduler {
@@ -144,6 +149,8 @@ impl Scheduler {
             frame_hooks: RefCell::default(),
             errors: RefCell::default(),
             traceback: debug.get("traceback")?,
+            watchdog: RefCell::default(),
+            poll_depth: Cell::new(0),
         });
         lua.set_app_data(Rc::clone(&scheduler));
         install(lua)?;
@@ -159,6 +166,12 @@ impl Scheduler {
             &lua.app_data_ref::<Rc<Scheduler>>()
                 .expect("a scheduler is attached to every Blox VM"),
         )
+    }
+
+    /// Kills any thread that runs longer than `budget` without yielding, with Roblox's
+    /// "Script timeout" error.
+    pub fn limit_execution_time(&self, lua: &Lua, budget: Duration) {
+        *self.watchdog.borrow_mut() = Some(watchdog::Watchdog::start(lua, budget));
     }
 
     /// The scheduler's clock reading.
@@ -387,7 +400,28 @@ impl Scheduler {
         waker.queued.store(false, Ordering::Release);
         let std_waker = Waker::from(waker);
         let mut context = Context::from_waker(&std_waker);
-        match stream.as_mut().poll_next(&mut context) {
+        let depth = self.poll_depth.get();
+        if depth == 0
+            && let Some(watchdog) = self.watchdog.borrow().as_ref()
+        {
+            watchdog.enter();
+        }
+        self.poll_depth.set(depth + 1);
+        let polled = stream.as_mut().poll_next(&mut context);
+        self.poll_depth.set(depth);
+        if let Some(watchdog) = self.watchdog.borrow().as_ref() {
+            let timed_out = matches!(&polled, Poll::Ready(Some(Err(error)))
+                if error_message(error).contains(TIMEOUT_MESSAGE));
+            if depth == 0 {
+                watchdog.leave();
+            } else if timed_out {
+                // The runaway thread is dead; the thread that spawned it goes on with a
+                // fresh budget instead of inheriting the timeout.
+                watchdog.leave();
+                watchdog.enter();
+            }
+        }
+        match polled {
             Poll::Pending => {
                 if let Some(task) = self.tasks.borrow_mut().get_mut(&id) {
                     task.stream = Some(stream);

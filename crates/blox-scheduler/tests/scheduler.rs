@@ -250,3 +250,39 @@ fn frame_hooks_run_every_frame_with_the_delta() {
         ]
     );
 }
+
+#[test]
+fn a_runaway_thread_is_stopped_and_the_rest_goes_on() {
+    let h = Harness::new();
+    h.scheduler
+        .limit_execution_time(&h.lua, Duration::from_millis(100));
+    h.start(
+        r#"
+        task.spawn(function()
+            while true do end
+        end)
+        task.spawn(function()
+            -- pcall cannot swallow the timeout: it is raised again at the next safepoint.
+            while true do
+                pcall(function()
+                    while true do end
+                end)
+            end
+        end)
+        survived = true
+        "#,
+    );
+    assert!(h.global::<bool>("survived"));
+    let errors = h.scheduler.errors();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors
+            .iter()
+            .all(|e| e.message.contains(blox_scheduler::TIMEOUT_MESSAGE))
+    );
+
+    // A later resumption gets a fresh budget.
+    h.start("task.wait(1) finished = true");
+    h.frame_after(1.5);
+    assert!(h.global::<bool>("finished"));
+}
