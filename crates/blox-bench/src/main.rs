@@ -52,6 +52,10 @@ struct Args {
     /// Seconds per measurement.
     #[arg(long, default_value_t = 2.0)]
     seconds: f64,
+    /// Store sizes for the listing benchmark (ListKeysAsync pages deep in large stores),
+    /// e.g. `10000,1000000`; none by default.
+    #[arg(long, value_delimiter = ',')]
+    listing_sizes: Vec<usize>,
     /// Alternating Luau and sqlx measurements per cell; the table reports the medians, so
     /// drift on a shared machine hits both sides alike.
     #[arg(long, default_value_t = 3)]
@@ -127,6 +131,19 @@ fn main() -> anyhow::Result<()> {
         "| op | coroutines | Luau ops/s | Luau p50 ms | Luau p99 ms | sqlx ops/s | sqlx p50 ms | sqlx p99 ms | Luau/sqlx | timer lag p99 ms | timer lag max ms |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    if !args.listing_sizes.is_empty() {
+        println!("| store keys | ListKeysAsync + next page /s | p50 ms | p99 ms |");
+        println!("|---:|---:|---:|---:|");
+        for &size in &args.listing_sizes {
+            runtime.block_on(raw.seed_listing(size))?;
+            let stats = run_listing(&host, size, args.seconds)?;
+            println!(
+                "| {size} | {:.0} | {:.2} | {:.2} |",
+                stats.rate, stats.p50_ms, stats.p99_ms
+            );
+        }
+        println!();
+    }
     for &op in &args.ops {
         for &concurrency in &args.concurrency {
             let mut luau_runs = Vec::new();
@@ -276,6 +293,65 @@ fn run_luau(
     })
 }
 
+/// Lists pages from random places of a store of `size` keys, from 8 coroutines: each
+/// operation is a ListKeysAsync page of 50 (a prefix seek) plus the next page (a cursor seek).
+fn run_listing(host: &Host, size: usize, seconds: f64) -> anyhow::Result<Stats> {
+    let script = format!(
+        r#"
+        local store = game:GetService("DataStoreService"):GetDataStore("Listing{size}")
+        local latencies = {{}}
+        local running = 8
+        local started = os.clock()
+        local deadline = started + {seconds}
+        for _ = 1, 8 do
+            task.spawn(function()
+                while os.clock() < deadline do
+                    local prefix = string.sub(string.format("k%07d", math.random(0, {size} - 100)), 1, 6)
+                    local t0 = os.clock()
+                    local pages = store:ListKeysAsync(prefix, 50)
+                    assert(#pages:GetCurrentPage() == 50)
+                    pages:AdvanceToNextPageAsync()
+                    latencies[#latencies + 1] = os.clock() - t0
+                end
+                running -= 1
+            end)
+        end
+        while running > 0 do
+            task.wait()
+        end
+        shared.elapsed = os.clock() - started
+        shared.latencies = latencies
+        "#
+    );
+    let vm = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    vm.block_on(async {
+        let context = DataStoreContext::new(
+            Arc::clone(host.backend()),
+            host.database_runtime().handle().clone(),
+            UNIVERSE,
+        );
+        let identity = ServerIdentity {
+            place_id: 1,
+            game_id: UNIVERSE,
+            job_id: blox_engine::new_guid(),
+        };
+        let engine = Engine::new(identity, context, Rc::new(RealClock::new()))?;
+        let main = engine.start_script("listing.server.luau", script.as_bytes())?;
+        engine.run_until_idle().await;
+        if let Some(error) = engine.failure_of(&main) {
+            anyhow::bail!("the listing script failed: {}", error.message);
+        }
+        let read = || -> mlua::Result<(f64, Vec<f64>)> {
+            let shared: mlua::Table = engine.lua().globals().get("shared")?;
+            Ok((shared.get("elapsed")?, shared.get("latencies")?))
+        };
+        let (elapsed, latencies) = read().map_err(|error| anyhow::anyhow!("{error}"))?;
+        Ok(Stats::from(latencies, elapsed))
+    })
+}
+
 /// Pools configured as Blox's backends configure theirs, used directly with sqlx.
 enum RawPools {
     Sqlite {
@@ -309,6 +385,16 @@ impl RawPools {
                 .connect(url)
                 .await?;
             Ok(RawPools::Postgres(pool))
+        }
+    }
+
+    /// Makes sure the store `Listing{size}` holds keys k0000000.. k{size-1}, inserting them
+    /// in large batches (skipped when they are already there).
+    async fn seed_listing(&self, size: usize) -> anyhow::Result<()> {
+        let store = format!("Listing{size}");
+        match self {
+            RawPools::Sqlite { writer, .. } => seed_rows(writer, &store, size).await,
+            RawPools::Postgres(pool) => seed_rows(pool, &store, size).await,
         }
     }
 
@@ -415,6 +501,43 @@ where
         all.extend(task.await??);
     }
     Ok(Stats::from(all, started.elapsed().as_secs_f64()))
+}
+
+async fn seed_rows<DB>(pool: &Pool<DB>, store: &str, size: usize) -> anyhow::Result<()>
+where
+    DB: Database,
+    for<'c> &'c Pool<DB>: sqlx::Executor<'c, Database = DB>,
+    for<'c> &'c mut <DB as Database>::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> <DB as Database>::Arguments: sqlx::IntoArguments<DB>,
+    i64: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    i16: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    bool: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    String: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+{
+    const BATCH: usize = 1000;
+    for start in (0..size).step_by(BATCH) {
+        let mut insert = sqlx::QueryBuilder::<DB>::new(
+            "INSERT INTO blox_entries (universe_id, store_kind, store_name, scope, entry_key, \
+             value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted) ",
+        );
+        insert.push_values(start..(start + BATCH).min(size), |mut row, i| {
+            row.push_bind(UNIVERSE)
+                .push_bind(StoreKind::Standard as i16)
+                .push_bind(store.to_owned())
+                .push_bind("global".to_owned())
+                .push_bind(format!("k{i:07}"))
+                .push_bind("1".to_owned())
+                .push_bind("[]".to_owned())
+                .push_bind("{}".to_owned())
+                .push_bind(1_i64)
+                .push_bind(0_i64)
+                .push_bind(0_i64)
+                .push_bind(false);
+        });
+        insert.push(" ON CONFLICT DO NOTHING");
+        insert.build().execute(pool).await?;
+    }
+    Ok(())
 }
 
 /// The rows a statement changed; sqlx has no trait for it across databases.

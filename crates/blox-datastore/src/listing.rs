@@ -13,7 +13,9 @@ use std::rc::Rc;
 use mlua::{MetaMethod, UserData, UserDataFields, UserDataMethods};
 
 use crate::DataStoreError;
-use crate::backend::{KeyListing, StoreListing, prefix_end, unescape_stored_text};
+use crate::backend::{
+    KeyListing, ScopeRange, StoreListing, prefix_end, stored_text, unescape_stored_text,
+};
 use crate::service::DataStoreContext;
 
 /// Keys per page when the script passes 0 (or nothing), as Roblox's backend does.
@@ -58,30 +60,21 @@ impl KeyQuery {
     /// every scope, where the prefix applies to "scope/key".
     pub(crate) fn listing_for(base: KeyListing, scope: Option<&str>, prefix: &str) -> KeyListing {
         let mut listing = base;
-        let exact = |scope: &str| (scope.to_owned(), Some(format!("{scope}\u{1}")));
-        let stored_prefix = crate::backend::stored_text(prefix);
-        match scope {
-            // Stored text never holds NUL, so [s, s + U+0001) holds exactly the scope s:
-            // every other stored scope starting with s continues with U+0001 or above.
-            Some(scope) => {
-                (listing.scope_from, listing.scope_to) = exact(scope);
-                listing.key_to = prefix_end(&stored_prefix);
-                listing.key_from = stored_prefix;
+        let stored_prefix = stored_text(prefix);
+        let (scope, key_prefix) = match (scope, prefix.split_once('/')) {
+            (Some(scope), _) => (scope.to_owned(), stored_prefix),
+            (None, Some((scope, key_prefix))) => (stored_text(scope), stored_text(key_prefix)),
+            (None, None) => {
+                listing.scopes = ScopeRange::Between {
+                    to: prefix_end(&stored_prefix),
+                    from: stored_prefix,
+                };
+                return listing;
             }
-            None => match prefix.split_once('/') {
-                Some((scope, key_prefix)) => {
-                    (listing.scope_from, listing.scope_to) =
-                        exact(&crate::backend::stored_text(scope));
-                    let key_prefix = crate::backend::stored_text(key_prefix);
-                    listing.key_to = prefix_end(&key_prefix);
-                    listing.key_from = key_prefix;
-                }
-                None => {
-                    listing.scope_to = prefix_end(&stored_prefix);
-                    listing.scope_from = stored_prefix;
-                }
-            },
-        }
+        };
+        listing.scopes = ScopeRange::Exactly(scope);
+        listing.key_to = prefix_end(&key_prefix);
+        listing.key_from = key_prefix;
         listing
     }
 }
@@ -131,7 +124,7 @@ pub(crate) struct StoreQuery {
 impl StoreQuery {
     /// The listing of the stores whose names start with `prefix`.
     pub(crate) fn listing_for(mut listing: StoreListing, prefix: &str) -> StoreListing {
-        let prefix = crate::backend::stored_text(prefix);
+        let prefix = stored_text(prefix);
         listing.name_to = prefix_end(&prefix);
         listing.name_from = prefix;
         listing

@@ -23,7 +23,8 @@ use mlua::{
 
 use crate::DataStoreError;
 use crate::backend::{
-    Backend, Entry, EntryKey, KeyListing, StoreKind, StoreListing, Version, Write, stored_text,
+    Backend, Entry, EntryKey, KeyListing, ScopeRange, StoreKind, StoreListing, Version, Write,
+    stored_text,
 };
 use crate::cache::ReadCache;
 use crate::codec::{self, Stored};
@@ -577,8 +578,10 @@ impl DataStore {
             universe: this.context.universe,
             kind: StoreKind::Standard,
             store: stored_text(&this.name),
-            scope_from: String::new(),
-            scope_to: None,
+            scopes: ScopeRange::Between {
+                from: String::new(),
+                to: None,
+            },
             key_from: String::new(),
             key_to: None,
             after: (String::new(), String::new()),

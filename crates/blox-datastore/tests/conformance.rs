@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use blox_datastore::DataStoreError;
 use blox_datastore::backend::{
-    self, Backend, EntryKey, KeyListing, OpenOptions, StoreKind, StoreListing, Write,
+    self, Backend, EntryKey, KeyListing, OpenOptions, ScopeRange, StoreKind, StoreListing, Write,
 };
 use blox_datastore::operations::{self, OperationError};
 use blox_testkit::{Scratch, TestDatabase};
@@ -216,8 +216,7 @@ async fn lists_keys_in_byte_order_with_keyset_pages(backend: Arc<dyn Backend>) {
         universe: 1,
         kind: StoreKind::Standard,
         store: "Conformance".to_owned(),
-        scope_from: "global".to_owned(),
-        scope_to: Some("global\u{1}".to_owned()),
+        scopes: ScopeRange::Exactly("global".to_owned()),
         key_from: String::new(),
         key_to: None,
         after: (after.0.to_owned(), after.1.to_owned()),

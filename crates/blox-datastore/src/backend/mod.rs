@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use sqlx::Row as _;
 
 pub use postgres::PostgresBackend;
 pub use sqlite::{SqliteBackend, SqliteSync};
@@ -134,9 +135,34 @@ pub struct Entry {
     pub deleted: bool,
 }
 
-/// One page request of `ListKeysAsync`: keys of one store in (scope, key) byte order,
-/// within a scope range and a key range, after an exclusive cursor. All text is in
-/// [`stored_text`] form.
+/// A string above every stored name, scope and key: 13 × U+10FFFF (52 bytes), while stored
+/// text holds at most 12 U+10FFFF in a row (names, scopes and keys are at most 50 bytes, and
+/// the escape never produces U+10FFFF). It closes open ranges, so every listing statement is
+/// a plain index range.
+pub const BEYOND_EVERY_KEY: &str = "\u{10FFFF}\u{10FFFF}\u{10FFFF}\u{10FFFF}\u{10FFFF}\u{10FFFF}\u{10FFFF}\u{10FFFF}\u{10FFFF}\u{10FFFF}\u{10FFFF}\u{10FFFF}\u{10FFFF}";
+
+/// The smallest stored string above `text`: stored text never holds NUL, so nothing lies
+/// between `text` and `text` + U+0001.
+pub fn successor(text: &str) -> String {
+    format!("{text}\u{1}")
+}
+
+/// Which scopes a key listing covers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ScopeRange {
+    /// One scope, with keys in `[key_from, key_to)`.
+    Exactly(String),
+    /// Every scope in `[from, to)` (`None`: no end), all keys.
+    Between {
+        /// Lowest scope (inclusive).
+        from: String,
+        /// End of the range (exclusive).
+        to: Option<String>,
+    },
+}
+
+/// One page request of `ListKeysAsync`: keys of one store in (scope, key) byte order, after
+/// an exclusive cursor. All text is in [`stored_text`] form.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KeyListing {
     /// The universe.
@@ -145,15 +171,13 @@ pub struct KeyListing {
     pub kind: StoreKind,
     /// The store's name.
     pub store: String,
-    /// Lowest scope listed (inclusive).
-    pub scope_from: String,
-    /// End of the scope range (exclusive); `None` for no end.
-    pub scope_to: Option<String>,
-    /// Lowest key listed (inclusive).
+    /// The scopes listed.
+    pub scopes: ScopeRange,
+    /// Lowest key listed (inclusive), with [`ScopeRange::Exactly`].
     pub key_from: String,
-    /// End of the key range (exclusive); `None` for no end.
+    /// End of the key range (exclusive; `None`: no end), with [`ScopeRange::Exactly`].
     pub key_to: Option<String>,
-    /// Only keys after this (scope, key) are listed.
+    /// Only keys after this (scope, key) are listed; ("", "") for the start.
     pub after: (String, String),
     /// Leave out keys whose latest version is a removal tombstone.
     pub exclude_deleted: bool,
@@ -342,9 +366,12 @@ pub struct Statements {
     /// Updates a key only at the expected sequence (value, user_ids, metadata, expected_seq,
     /// new_seq, created_ms, now_ms, deleted).
     pub update_if_seq: &'static str,
-    /// Lists keys (universe, kind, store, scope_from, scope_to, key_from, key_to, after
-    /// scope, after key, exclude_deleted, limit), returning scope, entry_key.
-    pub list_keys: &'static str,
+    /// Lists keys of one scope (universe, kind, store, scope, key_from, key_to,
+    /// exclude_deleted, limit), returning scope, entry_key.
+    pub list_keys_in_scope: &'static str,
+    /// Lists keys of a scope range (universe, kind, store, scope_from, scope_to,
+    /// exclude_deleted, limit), returning scope, entry_key.
+    pub list_keys_across_scopes: &'static str,
     /// Lists stores (universe, kind, name_from, name_to, after, limit), returning
     /// store_name, MIN(created_ms), MAX(updated_ms) over live keys.
     pub list_stores: &'static str,
@@ -420,6 +447,92 @@ where
     })
 }
 
+/// A page of keys as one or two index range scans: within one scope, `scope = ? AND
+/// entry_key` in a range; across scopes, first the rest of the cursor's scope, then a
+/// `scope` range. The cursor is folded into the lower bound here, so no statement needs an
+/// `OR` that would keep the database from seeking.
+async fn list_keys_with<DB>(
+    pool: &sqlx::Pool<DB>,
+    statements: &Statements,
+    listing: &KeyListing,
+) -> Result<Vec<(String, String)>, sqlx::Error>
+where
+    DB: sqlx::Database,
+    for<'c> &'c sqlx::Pool<DB>: sqlx::Executor<'c, Database = DB>,
+    for<'q> <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
+    i64: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    i16: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    bool: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    String: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB> + for<'r> sqlx::Decode<'r, DB>,
+    usize: sqlx::ColumnIndex<DB::Row>,
+{
+    let store = |sql: &'static str| {
+        sqlx::query::<DB>(sql)
+            .bind(listing.universe)
+            .bind(listing.kind as i16)
+            .bind(listing.store.clone())
+    };
+    let pairs = |rows: Vec<DB::Row>| -> Result<Vec<(String, String)>, sqlx::Error> {
+        rows.iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect()
+    };
+    let in_scope = |scope: &str, from: String, to: String, limit: i64| {
+        store(statements.list_keys_in_scope)
+            .bind(scope.to_owned())
+            .bind(from)
+            .bind(to)
+            .bind(listing.exclude_deleted)
+            .bind(limit)
+            .fetch_all(pool)
+    };
+    let (after_scope, after_key) = &listing.after;
+    match &listing.scopes {
+        ScopeRange::Exactly(scope) => {
+            let mut from = listing.key_from.clone();
+            if after_scope == scope {
+                from = from.max(successor(after_key));
+            } else if !after_scope.is_empty() && after_scope > scope {
+                return Ok(Vec::new());
+            }
+            let to = listing
+                .key_to
+                .clone()
+                .unwrap_or_else(|| BEYOND_EVERY_KEY.to_owned());
+            pairs(in_scope(scope, from, to, listing.limit).await?)
+        }
+        ScopeRange::Between { from, to } => {
+            let to = to.clone().unwrap_or_else(|| BEYOND_EVERY_KEY.to_owned());
+            let mut keys = Vec::new();
+            let mut scope_from = from.clone();
+            if !after_scope.is_empty() {
+                if after_scope >= from && after_scope < &to {
+                    let rest = in_scope(
+                        after_scope,
+                        successor(after_key),
+                        BEYOND_EVERY_KEY.to_owned(),
+                        listing.limit,
+                    );
+                    keys = pairs(rest.await?)?;
+                }
+                scope_from = scope_from.max(successor(after_scope));
+            }
+            let remaining = listing.limit - keys.len() as i64;
+            if remaining > 0 {
+                let rows = store(statements.list_keys_across_scopes)
+                    .bind(scope_from)
+                    .bind(to)
+                    .bind(listing.exclude_deleted)
+                    .bind(remaining)
+                    .fetch_all(pool)
+                    .await?;
+                keys.extend(pairs(rows)?);
+            }
+            Ok(keys)
+        }
+    }
+}
+
 /// Implements [`Backend`] for a dialect from its pools and [`Statements`].
 macro_rules! sql_backend {
     ($backend:ty, $db:ty, $statements:expr, read_pool = $read:ident, write_pool = $write:ident) => {
@@ -486,25 +599,7 @@ macro_rules! sql_backend {
                 &self,
                 listing: &$crate::backend::KeyListing,
             ) -> Result<Vec<(String, String)>, $crate::backend::BackendError> {
-                let rows = sqlx::query::<$db>($statements.list_keys)
-                    .bind(listing.universe)
-                    .bind(listing.kind as i16)
-                    .bind(listing.store.clone())
-                    .bind(listing.scope_from.clone())
-                    .bind(listing.scope_to.clone())
-                    .bind(listing.key_from.clone())
-                    .bind(listing.key_to.clone())
-                    .bind(listing.after.0.clone())
-                    .bind(listing.after.1.clone())
-                    .bind(listing.exclude_deleted)
-                    .bind(listing.limit)
-                    .fetch_all(&self.$read)
-                    .await?;
-                let pairs: Result<Vec<(String, String)>, sqlx::Error> = rows
-                    .iter()
-                    .map(|row| Ok((sqlx::Row::try_get(row, 0)?, sqlx::Row::try_get(row, 1)?)))
-                    .collect();
-                Ok(pairs?)
+                Ok($crate::backend::list_keys_with(&self.$read, &$statements, listing).await?)
             }
 
             async fn list_stores(
@@ -515,7 +610,12 @@ macro_rules! sql_backend {
                     .bind(listing.universe)
                     .bind(listing.kind as i16)
                     .bind(listing.name_from.clone())
-                    .bind(listing.name_to.clone())
+                    .bind(
+                        listing
+                            .name_to
+                            .clone()
+                            .unwrap_or_else(|| $crate::backend::BEYOND_EVERY_KEY.to_owned()),
+                    )
                     .bind(listing.after.clone())
                     .bind(listing.limit)
                     .fetch_all(&self.$read)

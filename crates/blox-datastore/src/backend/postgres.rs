@@ -35,15 +35,17 @@ pub const STATEMENTS: Statements = Statements {
             version_seq = $10, created_ms = $11, updated_ms = $12, deleted = $13 \
             WHERE universe_id = $1 AND store_kind = $2 AND store_name = $3 AND scope = $4 \
             AND entry_key = $5 AND version_seq = $9",
-    list_keys: "SELECT scope, entry_key FROM blox_entries \
+    list_keys_in_scope: "SELECT scope, entry_key FROM blox_entries \
             WHERE universe_id = $1 AND store_kind = $2 AND store_name = $3 \
-            AND scope >= $4 AND ($5::text IS NULL OR scope < $5) \
-            AND entry_key >= $6 AND ($7::text IS NULL OR entry_key < $7) \
-            AND (scope, entry_key) > ($8, $9) AND (NOT $10 OR NOT deleted) \
-            ORDER BY scope, entry_key LIMIT $11",
+            AND scope = $4 AND entry_key >= $5 AND entry_key < $6 \
+            AND (NOT $7 OR NOT deleted) ORDER BY entry_key LIMIT $8",
+    list_keys_across_scopes: "SELECT scope, entry_key FROM blox_entries \
+            WHERE universe_id = $1 AND store_kind = $2 AND store_name = $3 \
+            AND scope >= $4 AND scope < $5 \
+            AND (NOT $6 OR NOT deleted) ORDER BY scope, entry_key LIMIT $7",
     list_stores: "SELECT store_name, MIN(created_ms), MAX(updated_ms) FROM blox_entries \
             WHERE universe_id = $1 AND store_kind = $2 AND store_name >= $3 \
-            AND ($4::text IS NULL OR store_name < $4) AND store_name > $5 \
+            AND store_name < $4 AND store_name > $5 \
             AND store_name <> '' AND NOT deleted \
             GROUP BY store_name ORDER BY store_name LIMIT $6",
 };
