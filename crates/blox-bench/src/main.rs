@@ -250,6 +250,34 @@ fn run_luau(
         "#,
         call = op.luau_call(),
     );
+    let (elapsed, latencies, gaps) = run_script(host, "bench.server.luau", &script, |shared| {
+        Ok((
+            shared.get::<f64>("elapsed")?,
+            shared.get::<Vec<f64>>("latencies")?,
+            shared.get::<Vec<f64>>("gaps")?,
+        ))
+    })?;
+    let mut lags: Vec<f64> = gaps
+        .into_iter()
+        .map(|gap| (gap - FRAME.as_secs_f64()).max(0.0) * 1000.0)
+        .collect();
+    lags.sort_by(f64::total_cmp);
+    let worst = lags.last().copied().unwrap_or(0.0);
+    Ok((
+        Stats::from(latencies, elapsed),
+        percentile(&lags, 0.99),
+        worst,
+    ))
+}
+
+/// Runs a benchmark script in a fresh engine on the host's database until it finishes, then
+/// reads its results from the `shared` table.
+fn run_script<T>(
+    host: &Host,
+    name: &str,
+    script: &str,
+    read: impl FnOnce(&mlua::Table) -> mlua::Result<T>,
+) -> anyhow::Result<T> {
     let vm = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -265,31 +293,17 @@ fn run_luau(
             job_id: blox_engine::new_guid(),
         };
         let engine = Engine::new(identity, context, Rc::new(RealClock::new()))?;
-        let main = engine.start_script("bench.server.luau", script.as_bytes())?;
+        let main = engine.start_script(name, script.as_bytes())?;
         engine.run_until_idle().await;
         if let Some(error) = engine.failure_of(&main) {
-            anyhow::bail!("the benchmark script failed: {}", error.message);
+            anyhow::bail!("{name} failed: {}", error.message);
         }
-        let read = || -> mlua::Result<(f64, Vec<f64>, Vec<f64>)> {
-            let shared: mlua::Table = engine.lua().globals().get("shared")?;
-            Ok((
-                shared.get("elapsed")?,
-                shared.get("latencies")?,
-                shared.get("gaps")?,
-            ))
-        };
-        let (elapsed, latencies, gaps) = read().map_err(|error| anyhow::anyhow!("{error}"))?;
-        let mut lags: Vec<f64> = gaps
-            .into_iter()
-            .map(|gap| (gap - FRAME.as_secs_f64()).max(0.0) * 1000.0)
-            .collect();
-        lags.sort_by(f64::total_cmp);
-        let worst = lags.last().copied().unwrap_or(0.0);
-        Ok((
-            Stats::from(latencies, elapsed),
-            percentile(&lags, 0.99),
-            worst,
-        ))
+        let shared: mlua::Table = engine
+            .lua()
+            .globals()
+            .get("shared")
+            .map_err(|error| anyhow::anyhow!("{error}"))?;
+        read(&shared).map_err(|error| anyhow::anyhow!("{error}"))
     })
 }
 
@@ -323,33 +337,13 @@ fn run_listing(host: &Host, size: usize, seconds: f64) -> anyhow::Result<Stats> 
         shared.latencies = latencies
         "#
     );
-    let vm = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    vm.block_on(async {
-        let context = DataStoreContext::new(
-            Arc::clone(host.backend()),
-            host.database_runtime().handle().clone(),
-            UNIVERSE,
-        );
-        let identity = ServerIdentity {
-            place_id: 1,
-            game_id: UNIVERSE,
-            job_id: blox_engine::new_guid(),
-        };
-        let engine = Engine::new(identity, context, Rc::new(RealClock::new()))?;
-        let main = engine.start_script("listing.server.luau", script.as_bytes())?;
-        engine.run_until_idle().await;
-        if let Some(error) = engine.failure_of(&main) {
-            anyhow::bail!("the listing script failed: {}", error.message);
-        }
-        let read = || -> mlua::Result<(f64, Vec<f64>)> {
-            let shared: mlua::Table = engine.lua().globals().get("shared")?;
-            Ok((shared.get("elapsed")?, shared.get("latencies")?))
-        };
-        let (elapsed, latencies) = read().map_err(|error| anyhow::anyhow!("{error}"))?;
-        Ok(Stats::from(latencies, elapsed))
-    })
+    let (elapsed, latencies) = run_script(host, "listing.server.luau", &script, |shared| {
+        Ok((
+            shared.get::<f64>("elapsed")?,
+            shared.get::<Vec<f64>>("latencies")?,
+        ))
+    })?;
+    Ok(Stats::from(latencies, elapsed))
 }
 
 /// Pools configured as Blox's backends configure theirs, used directly with sqlx.
