@@ -216,13 +216,31 @@ fn run_luau(
     concurrency: usize,
     seconds: f64,
 ) -> anyhow::Result<(Stats, f64, f64)> {
-    let script = format!(
-        r#"
-        local store = game:GetService("DataStoreService"):GetDataStore("{STORE}")
-        local player = {{ CarryLevel = 1, Inventory = {{ "sword", "shield", "potion" }}, Money = 1500, Name = "Builderman", RebirthCount = 1, SpeedLevel = 2 }}
+    let setup = r#"
+        local player = { CarryLevel = 1, Inventory = { "sword", "shield", "potion" }, Money = 1500, Name = "Builderman", RebirthCount = 1, SpeedLevel = 2 }
         local function keep(value) return value end
         local fromDatabase = Instance.new("DataStoreGetOptions")
         fromDatabase.UseCache = false
+    "#;
+    measure_luau(host, STORE, concurrency, seconds, setup, op.luau_call())
+}
+
+/// Runs `call` in a loop from `concurrency` Luau coroutines on the data store `store` for
+/// `seconds`, after `setup`; each coroutine has `i`, `key` and `counter` in scope. Returns the
+/// call statistics and the timer lag (p99 and worst, in ms) seen meanwhile: a Luau thread
+/// loops on `task.wait()` and records how much later than one frame each wait resumed.
+fn measure_luau(
+    host: &Host,
+    store: &str,
+    concurrency: usize,
+    seconds: f64,
+    setup: &str,
+    call: &str,
+) -> anyhow::Result<(Stats, f64, f64)> {
+    let script = format!(
+        r#"
+        local store = game:GetService("DataStoreService"):GetDataStore("{store}")
+        {setup}
         local latencies, gaps = {{}}, {{}}
         local running = {concurrency}
         local started = os.clock()
@@ -247,8 +265,7 @@ fn run_luau(
         shared.elapsed = os.clock() - started
         shared.latencies = latencies
         shared.gaps = gaps
-        "#,
-        call = op.luau_call(),
+        "#
     );
     let (elapsed, latencies, gaps) = run_script(host, "bench.server.luau", &script, |shared| {
         Ok((
@@ -310,40 +327,16 @@ fn run_script<T>(
 /// Lists pages from random places of a store of `size` keys, from 8 coroutines: each
 /// operation is a ListKeysAsync page of 50 (a prefix seek) plus the next page (a cursor seek).
 fn run_listing(host: &Host, size: usize, seconds: f64) -> anyhow::Result<Stats> {
-    let script = format!(
+    let call = format!(
         r#"
-        local store = game:GetService("DataStoreService"):GetDataStore("Listing{size}")
-        local latencies = {{}}
-        local running = 8
-        local started = os.clock()
-        local deadline = started + {seconds}
-        for _ = 1, 8 do
-            task.spawn(function()
-                while os.clock() < deadline do
-                    local prefix = string.sub(string.format("k%07d", math.random(0, {size} - 100)), 1, 6)
-                    local t0 = os.clock()
-                    local pages = store:ListKeysAsync(prefix, 50)
-                    assert(#pages:GetCurrentPage() == 50)
-                    pages:AdvanceToNextPageAsync()
-                    latencies[#latencies + 1] = os.clock() - t0
-                end
-                running -= 1
-            end)
-        end
-        while running > 0 do
-            task.wait()
-        end
-        shared.elapsed = os.clock() - started
-        shared.latencies = latencies
+        local prefix = string.sub(string.format("k%07d", math.random(0, {size} - 100)), 1, 6)
+        local pages = store:ListKeysAsync(prefix, 50)
+        assert(#pages:GetCurrentPage() == 50)
+        pages:AdvanceToNextPageAsync()
         "#
     );
-    let (elapsed, latencies) = run_script(host, "listing.server.luau", &script, |shared| {
-        Ok((
-            shared.get::<f64>("elapsed")?,
-            shared.get::<Vec<f64>>("latencies")?,
-        ))
-    })?;
-    Ok(Stats::from(latencies, elapsed))
+    let (stats, _, _) = measure_luau(host, &format!("Listing{size}"), 8, seconds, "", &call)?;
+    Ok(stats)
 }
 
 /// Pools configured as Blox's backends configure theirs, used directly with sqlx.

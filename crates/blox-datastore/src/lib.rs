@@ -6,6 +6,21 @@
 //! semantics from the backend's primitives; [`service`] exposes it all to Luau with Roblox's
 //! members, return values, yielding and errors.
 
+/// Adds the fields every DataStore class has as an Instance: `typeof` gives "Instance",
+/// `ClassName`, and `Name` (from `$name(this)`, or the class name when none is given).
+macro_rules! instance_fields {
+    ($fields:ident, $class:expr) => {
+        $fields.add_meta_field(mlua::MetaMethod::Type, "Instance");
+        $fields.add_field("ClassName", $class);
+        $fields.add_field("Name", $class);
+    };
+    ($fields:ident, $class:expr, $name:expr) => {
+        $fields.add_meta_field(mlua::MetaMethod::Type, "Instance");
+        $fields.add_field("ClassName", $class);
+        $fields.add_field_method_get("Name", |_, this| Ok($name(this)));
+    };
+}
+
 pub mod backend;
 pub mod cache;
 pub mod codec;

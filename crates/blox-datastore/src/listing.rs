@@ -224,9 +224,7 @@ impl<S: PageSource> Pages<S> {
 
 impl<S: PageSource> UserData for Pages<S> {
     fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
-        fields.add_meta_field(MetaMethod::Type, "Instance");
-        fields.add_field("ClassName", S::CLASS);
-        fields.add_field("Name", S::CLASS);
+        instance_fields!(fields, S::CLASS);
         fields.add_field_method_get("IsFinished", |_, pages| Ok(pages.page.borrow().1.is_none()));
         fields.add_field_method_get("Cursor", |_, pages| {
             Ok(pages
@@ -266,9 +264,7 @@ pub struct DataStoreKey(String);
 
 impl UserData for DataStoreKey {
     fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
-        fields.add_meta_field(MetaMethod::Type, "Instance");
-        fields.add_field("ClassName", "DataStoreKey");
-        fields.add_field("Name", "DataStoreKey");
+        instance_fields!(fields, "DataStoreKey");
         fields.add_field_method_get("KeyName", |_, key| Ok(key.0.clone()));
     }
 
@@ -287,9 +283,7 @@ pub struct DataStoreInfo {
 
 impl UserData for DataStoreInfo {
     fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
-        fields.add_meta_field(MetaMethod::Type, "Instance");
-        fields.add_field("ClassName", "DataStoreInfo");
-        fields.add_field("Name", "DataStoreInfo");
+        instance_fields!(fields, "DataStoreInfo");
         fields.add_field_method_get("DataStoreName", |_, info| Ok(info.name.clone()));
         fields.add_field_method_get("CreatedTime", |_, info| Ok(info.created_ms));
         fields.add_field_method_get("UpdatedTime", |_, info| Ok(info.updated_ms));

@@ -147,16 +147,8 @@ fn yield_once() -> YieldOnce {
     YieldOnce(false)
 }
 
-/// Adds what every DataStore class shares as an Instance: `typeof` is "Instance", `Name`,
-/// `ClassName`, `tostring`, and Roblox's error for an unknown member.
-macro_rules! instance_fields {
-    ($fields:ident, $class:expr, $name:expr) => {
-        $fields.add_meta_field(MetaMethod::Type, "Instance");
-        $fields.add_field("ClassName", $class);
-        $fields.add_field_method_get("Name", |_, this| Ok($name(this)));
-    };
-}
-
+/// Adds the members every DataStore class has as an Instance: `tostring`, `IsA`, and
+/// Roblox's error for an unknown member.
 macro_rules! instance_methods {
     ($methods:ident, $class:expr, $name:expr) => {
         $methods.add_meta_method(MetaMethod::ToString, |_, this, ()| Ok($name(this)));
