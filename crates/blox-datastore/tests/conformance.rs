@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use blox_datastore::DataStoreError;
 use blox_datastore::backend::{
-    self, Backend, EntryKey, KeyListing, OpenOptions, ScopeRange, StoreKind, StoreListing, Write,
+    self, Backend, EntryKey, KeyListing, OpenOptions, ScopeRange, StoreKind, StoreListing,
+    VersionListing, Write,
 };
 use blox_datastore::operations::{self, OperationError};
 use blox_testkit::{Scratch, TestDatabase};
@@ -291,6 +292,210 @@ async fn lists_stores_holding_live_keys(backend: Arc<dyn Backend>) {
     assert_eq!(after_a[0].name, "b");
 }
 
+const HOUR: i64 = 3_600_000;
+
+fn versions(descending: bool, after_seq: Option<i64>, limit: i64) -> VersionListing {
+    VersionListing {
+        key: key("v"),
+        descending,
+        min_ms: 0,
+        max_ms: i64::MAX,
+        after_seq,
+        limit,
+    }
+}
+
+async fn listed(backend: &dyn Backend, listing: &VersionListing) -> Vec<(i64, bool)> {
+    backend
+        .list_versions(listing)
+        .await
+        .unwrap()
+        .iter()
+        .map(|summary| (summary.version.seq, summary.deleted))
+        .collect()
+}
+
+/// Roblox's retention: the first write of a UTC hour keeps what it replaces; later writes in
+/// the same hour overwrite for good; the latest version is always there.
+async fn keeps_the_version_each_new_hour_replaces(backend: Arc<dyn Backend>) {
+    let k = key("v");
+    for (value, at) in [
+        ("1", 10 * HOUR + 5),
+        ("2", 10 * HOUR + 10),
+        ("3", 10 * HOUR + 20),
+        ("4", 11 * HOUR + 1),
+        ("5", 11 * HOUR + 2),
+        ("6", 13 * HOUR),
+    ] {
+        backend.write(&k, &write(value, at)).await.unwrap();
+    }
+    assert_eq!(
+        listed(backend.as_ref(), &versions(false, None, 100)).await,
+        [(3, false), (5, false), (6, false)],
+        "seq 3 ended hour 10, seq 5 ended hour 11, seq 6 is the latest"
+    );
+    let third = backend.read_version(&k, 3).await.unwrap().unwrap();
+    assert_eq!(
+        (third.value.as_str(), third.version.updated_ms),
+        ("3", 10 * HOUR + 20)
+    );
+    assert_eq!(third.user_ids, "[1]");
+    assert_eq!(
+        backend.read_version(&k, 2).await.unwrap(),
+        None,
+        "overwritten in its hour"
+    );
+    assert_eq!(
+        backend.read_version(&k, 6).await.unwrap().unwrap().value,
+        "6"
+    );
+
+    let at = |ms| {
+        let backend = Arc::clone(&backend);
+        let k = k.clone();
+        async move {
+            backend
+                .read_version_at(&k, ms)
+                .await
+                .unwrap()
+                .map(|entry| entry.value)
+        }
+    };
+    assert_eq!(at(10 * HOUR).await, None, "nothing kept from before");
+    assert_eq!(
+        at(11 * HOUR).await.as_deref(),
+        Some("3"),
+        "the state as hour 11 began"
+    );
+    assert_eq!(at(12 * HOUR).await.as_deref(), Some("5"));
+    assert_eq!(at(13 * HOUR).await.as_deref(), Some("6"));
+
+    backend.remove_version(&k, 5).await.unwrap();
+    assert_eq!(
+        listed(backend.as_ref(), &versions(false, None, 100)).await,
+        [(3, false), (6, false)]
+    );
+}
+
+async fn lists_versions_in_pages_both_ways(backend: Arc<dyn Backend>) {
+    let k = key("v");
+    for hour in 1..=5 {
+        backend.write(&k, &write("1", hour * HOUR)).await.unwrap();
+    }
+    let tombstone = Write::tombstone(6 * HOUR);
+    let latest = backend.read(&k).await.unwrap().unwrap().version;
+    backend
+        .write_if(&k, Some(&latest), 6 * HOUR, &tombstone)
+        .await
+        .unwrap()
+        .unwrap();
+    let b = backend.as_ref();
+    assert_eq!(
+        listed(b, &versions(false, None, 4)).await,
+        [(1, false), (2, false), (3, false), (4, false)]
+    );
+    assert_eq!(
+        listed(b, &versions(false, Some(4), 4)).await,
+        [(5, false), (6, true)],
+        "the removal shows as a deleted version"
+    );
+    assert_eq!(
+        listed(b, &versions(true, None, 2)).await,
+        [(6, true), (5, false)]
+    );
+    assert_eq!(
+        listed(b, &versions(true, Some(5), 10)).await,
+        [(4, false), (3, false), (2, false), (1, false)]
+    );
+    let window = VersionListing {
+        min_ms: 2 * HOUR,
+        max_ms: 4 * HOUR,
+        ..versions(false, None, 10)
+    };
+    assert_eq!(
+        listed(b, &window).await,
+        [(2, false), (3, false), (4, false)]
+    );
+    assert!(listed(b, &versions(false, Some(6), 10)).await.is_empty());
+}
+
+async fn removing_the_latest_version_leaves_a_tombstone(backend: Arc<dyn Backend>) {
+    let k = key("v");
+    backend.write(&k, &write("1", HOUR)).await.unwrap();
+    backend.write(&k, &write("2", 2 * HOUR)).await.unwrap();
+    backend.remove_version(&k, 2).await.unwrap();
+    let latest = backend.read(&k).await.unwrap().unwrap();
+    assert!(latest.deleted);
+    assert_eq!(latest.version.seq, 2);
+    assert_eq!(
+        backend.read_version(&k, 1).await.unwrap().unwrap().value,
+        "1"
+    );
+    let next = backend.write(&k, &write("3", 3 * HOUR)).await.unwrap();
+    assert_eq!(next.seq, 3, "the sequence goes on");
+}
+
+async fn purges_expired_versions_and_old_tombstones(backend: Arc<dyn Backend>) {
+    let day = 24 * HOUR;
+    let kept = key("kept");
+    let removed = key("removed");
+    backend.write(&kept, &write("1", day)).await.unwrap();
+    backend.write(&kept, &write("2", 2 * day)).await.unwrap();
+    backend.write(&removed, &write("1", day)).await.unwrap();
+    let live = backend.read(&removed).await.unwrap().unwrap().version;
+    backend
+        .write_if(&removed, Some(&live), 2 * day, &Write::tombstone(2 * day))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        backend.purge(31 * day).await.unwrap(),
+        0,
+        "nothing is 30 days old yet"
+    );
+    assert!(backend.read_version(&kept, 1).await.unwrap().is_some());
+
+    let purged = backend.purge(32 * day + 1).await.unwrap();
+    assert_eq!(purged, 3, "two superseded versions and one tombstone");
+    assert_eq!(backend.read_version(&kept, 1).await.unwrap(), None);
+    assert_eq!(
+        backend.read(&kept).await.unwrap().unwrap().value,
+        "2",
+        "latest stays"
+    );
+    assert_eq!(backend.read(&removed).await.unwrap(), None);
+}
+
+async fn keeps_every_version_when_asked(database: TestDatabase) {
+    let scratch = Scratch::new(database, "keep_all_versions");
+    let options = OpenOptions {
+        keep_all_versions: true,
+        ..OpenOptions::default()
+    };
+    let backend = backend::open(&scratch.url, &options).await.unwrap();
+    let k = key("v");
+    for n in 1..=4 {
+        backend
+            .write(&k, &write(&n.to_string(), HOUR + n))
+            .await
+            .unwrap();
+    }
+    let latest = backend.read(&k).await.unwrap().unwrap().version;
+    backend
+        .write_if(&k, Some(&latest), 0, &write("5", HOUR + 5))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        listed(backend.as_ref(), &versions(false, None, 100)).await,
+        [(1, false), (2, false), (3, false), (4, false), (5, false)]
+    );
+    assert_eq!(
+        backend.read_version(&k, 2).await.unwrap().unwrap().value,
+        "2"
+    );
+}
+
 async fn migrations_apply_once(database: TestDatabase) {
     let scratch = Scratch::new(database, "migrations");
     let opens: Vec<_> = (0..4)
@@ -330,6 +535,10 @@ macro_rules! conformance {
             async fn migrations_apply_once() {
                 super::migrations_apply_once(super::TestDatabase::Sqlite).await;
             }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn keeps_every_version_when_asked() {
+                super::keeps_every_version_when_asked(super::TestDatabase::Sqlite).await;
+            }
         }
         mod postgres {
             $(
@@ -341,6 +550,10 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn migrations_apply_once() {
                 super::migrations_apply_once(super::TestDatabase::Postgres).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn keeps_every_version_when_asked() {
+                super::keeps_every_version_when_asked(super::TestDatabase::Postgres).await;
             }
         }
     };
@@ -356,4 +569,8 @@ conformance!(
     large_values_round_trip,
     lists_keys_in_byte_order_with_keyset_pages,
     lists_stores_holding_live_keys,
+    keeps_the_version_each_new_hour_replaces,
+    lists_versions_in_pages_both_ways,
+    removing_the_latest_version_leaves_a_tombstone,
+    purges_expired_versions_and_old_tombstones,
 );

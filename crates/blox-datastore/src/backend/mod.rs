@@ -214,6 +214,32 @@ pub struct StoreSummary {
     pub updated_ms: i64,
 }
 
+/// One page request of `ListVersionsAsync`: the versions of one key, by sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionListing {
+    /// The key whose versions are listed.
+    pub key: EntryKey,
+    /// Newest first instead of oldest first.
+    pub descending: bool,
+    /// Only versions written at or after this time (Unix milliseconds).
+    pub min_ms: i64,
+    /// Only versions written at or before this time (Unix milliseconds).
+    pub max_ms: i64,
+    /// Only versions after this sequence in the listing's order (the cursor).
+    pub after_seq: Option<i64>,
+    /// The most versions to return.
+    pub limit: i64,
+}
+
+/// One version of a listing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VersionSummary {
+    /// The version's service metadata.
+    pub version: Version,
+    /// True when the version is a removal tombstone.
+    pub deleted: bool,
+}
+
 /// What a write stores.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Write {
@@ -296,7 +322,34 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// One page of the stores holding at least one live key, by name. The global store
     /// (`GetGlobalDataStore`, whose name is empty) is never listed.
     async fn list_stores(&self, listing: &StoreListing) -> Result<Vec<StoreSummary>, BackendError>;
+
+    /// The version `seq` of `key` (the latest or a retained one), tombstones included.
+    async fn read_version(&self, key: &EntryKey, seq: i64) -> Result<Option<Entry>, BackendError>;
+
+    /// The version of `key` that was current at `at_ms`, among the versions still kept.
+    async fn read_version_at(
+        &self,
+        key: &EntryKey,
+        at_ms: i64,
+    ) -> Result<Option<Entry>, BackendError>;
+
+    /// One page of the versions of a key: the retained ones and the latest.
+    async fn list_versions(
+        &self,
+        listing: &VersionListing,
+    ) -> Result<Vec<VersionSummary>, BackendError>;
+
+    /// Deletes version `seq` of `key` for good. The latest version cannot leave the key
+    /// without a latest version, so it becomes a tombstone with the same sequence instead.
+    async fn remove_version(&self, key: &EntryKey, seq: i64) -> Result<(), BackendError>;
+
+    /// Deletes retained versions that expired before `now_ms`, and keys removed more than
+    /// [`RETENTION_MS`] before it. Returns how many rows went.
+    async fn purge(&self, now_ms: i64) -> Result<u64, BackendError>;
 }
+
+/// How long a superseded version, or a removed key's tombstone, is kept: 30 days.
+pub const RETENTION_MS: i64 = 30 * 24 * 60 * 60 * 1000;
 
 /// How to open a backend.
 #[derive(Debug, Clone)]
@@ -309,6 +362,9 @@ pub struct OpenOptions {
     pub sqlite_sync: SqliteSync,
     /// How long to wait for a connection or a lock before failing.
     pub timeout: Duration,
+    /// Keep every superseded version (for 30 days), not only the first write of each UTC
+    /// hour's predecessor as Roblox does.
+    pub keep_all_versions: bool,
 }
 
 impl Default for OpenOptions {
@@ -318,6 +374,7 @@ impl Default for OpenOptions {
             postgres_schema: None,
             sqlite_sync: SqliteSync::Normal,
             timeout: Duration::from_secs(10),
+            keep_all_versions: false,
         }
     }
 }
@@ -366,6 +423,24 @@ pub struct Statements {
     /// Updates a key only at the expected sequence (value, user_ids, metadata, expected_seq,
     /// new_seq, created_ms, now_ms, deleted).
     pub update_if_seq: &'static str,
+    /// Reads a retained superseded version (version_seq), same columns as `read`.
+    pub read_version: &'static str,
+    /// Reads the newest retained superseded version written at or before a time (at_ms),
+    /// same columns as `read`.
+    pub read_version_at: &'static str,
+    /// Lists retained superseded versions by rising sequence (above_seq, below_seq, min_ms,
+    /// max_ms, limit), returning version_seq, created_ms, updated_ms, deleted.
+    pub list_versions_ascending: &'static str,
+    /// The same, by falling sequence.
+    pub list_versions_descending: &'static str,
+    /// Deletes a retained superseded version (version_seq).
+    pub remove_version: &'static str,
+    /// Turns the latest version into a tombstone, if it is at version_seq.
+    pub erase_latest_version: &'static str,
+    /// Deletes every retained version that expired before a time (now_ms).
+    pub purge_versions: &'static str,
+    /// Deletes every key whose latest version is a tombstone written before a time (cutoff).
+    pub purge_tombstones: &'static str,
     /// Lists keys of one scope (universe, kind, store, scope, key_from, key_to,
     /// exclude_deleted, limit), returning scope, entry_key.
     pub list_keys_in_scope: &'static str,
@@ -559,6 +634,7 @@ macro_rules! sql_backend {
                 let row = $crate::backend::bind_payload(query, write)
                     .bind(write.now_ms)
                     .bind(write.deleted)
+                    .bind(self.keep_all_versions)
                     .fetch_one(&self.$write)
                     .await?;
                 Ok($crate::backend::version_from_row(&row)?)
@@ -584,6 +660,7 @@ macro_rules! sql_backend {
                     .bind(created_ms)
                     .bind(write.now_ms)
                     .bind(write.deleted)
+                    .bind(self.keep_all_versions)
                     .execute(&self.$write)
                     .await?;
                 Ok(
@@ -632,8 +709,145 @@ macro_rules! sql_backend {
                     .collect();
                 Ok(stores?)
             }
+
+            async fn read_version(
+                &self,
+                key: &$crate::backend::EntryKey,
+                seq: i64,
+            ) -> Result<Option<$crate::backend::Entry>, $crate::backend::BackendError> {
+                let latest = self.read(key).await?;
+                if let Some(entry) = latest.filter(|entry| entry.version.seq == seq) {
+                    return Ok(Some(entry));
+                }
+                let query = sqlx::query::<$db>($statements.read_version);
+                let row = $crate::backend::bind_key(query, key)
+                    .bind(seq)
+                    .fetch_optional(&self.$read)
+                    .await?;
+                Ok(row
+                    .as_ref()
+                    .map($crate::backend::entry_from_row)
+                    .transpose()?)
+            }
+
+            async fn read_version_at(
+                &self,
+                key: &$crate::backend::EntryKey,
+                at_ms: i64,
+            ) -> Result<Option<$crate::backend::Entry>, $crate::backend::BackendError> {
+                let latest = self.read(key).await?;
+                if let Some(entry) = latest.filter(|entry| entry.version.updated_ms <= at_ms) {
+                    return Ok(Some(entry));
+                }
+                let query = sqlx::query::<$db>($statements.read_version_at);
+                let row = $crate::backend::bind_key(query, key)
+                    .bind(at_ms)
+                    .fetch_optional(&self.$read)
+                    .await?;
+                Ok(row
+                    .as_ref()
+                    .map($crate::backend::entry_from_row)
+                    .transpose()?)
+            }
+
+            async fn list_versions(
+                &self,
+                listing: &$crate::backend::VersionListing,
+            ) -> Result<Vec<$crate::backend::VersionSummary>, $crate::backend::BackendError> {
+                let latest = self.read(&listing.key).await?;
+                let (above, below) = $crate::backend::sequence_bounds(listing);
+                let latest = latest
+                    .map(|entry| $crate::backend::VersionSummary {
+                        version: entry.version,
+                        deleted: entry.deleted,
+                    })
+                    .filter(|latest| {
+                        let version = &latest.version;
+                        version.seq > above
+                            && version.seq < below
+                            && (listing.min_ms..=listing.max_ms).contains(&version.updated_ms)
+                    });
+                let statement = if listing.descending {
+                    $statements.list_versions_descending
+                } else {
+                    $statements.list_versions_ascending
+                };
+                let rows = $crate::backend::bind_key(sqlx::query::<$db>(statement), &listing.key)
+                    .bind(above)
+                    .bind(below)
+                    .bind(listing.min_ms)
+                    .bind(listing.max_ms)
+                    .bind(listing.limit)
+                    .fetch_all(&self.$read)
+                    .await?;
+                let retained: Result<Vec<_>, sqlx::Error> = rows
+                    .iter()
+                    .map(|row| {
+                        Ok($crate::backend::VersionSummary {
+                            version: $crate::backend::version_from_row(row)?,
+                            deleted: sqlx::Row::try_get(row, 3)?,
+                        })
+                    })
+                    .collect();
+                Ok($crate::backend::merge_latest(retained?, latest, listing))
+            }
+
+            async fn remove_version(
+                &self,
+                key: &$crate::backend::EntryKey,
+                seq: i64,
+            ) -> Result<(), $crate::backend::BackendError> {
+                for statement in [$statements.remove_version, $statements.erase_latest_version] {
+                    $crate::backend::bind_key(sqlx::query::<$db>(statement), key)
+                        .bind(seq)
+                        .execute(&self.$write)
+                        .await?;
+                }
+                Ok(())
+            }
+
+            async fn purge(&self, now_ms: i64) -> Result<u64, $crate::backend::BackendError> {
+                let versions = sqlx::query::<$db>($statements.purge_versions)
+                    .bind(now_ms)
+                    .execute(&self.$write)
+                    .await?;
+                let tombstones = sqlx::query::<$db>($statements.purge_tombstones)
+                    .bind(now_ms - $crate::backend::RETENTION_MS)
+                    .execute(&self.$write)
+                    .await?;
+                Ok(versions.rows_affected() + tombstones.rows_affected())
+            }
         }
     };
+}
+
+/// The exclusive sequence range a version page covers: the listing's cursor bounds it from
+/// below when ascending, from above when descending.
+fn sequence_bounds(listing: &VersionListing) -> (i64, i64) {
+    match (listing.after_seq, listing.descending) {
+        (Some(after), false) => (after, i64::MAX),
+        (Some(after), true) => (0, after),
+        (None, _) => (0, i64::MAX),
+    }
+}
+
+/// A page of versions from the retained ones (already in order and limited) and the latest,
+/// whose sequence is above every retained one: last when ascending, first when descending.
+fn merge_latest(
+    mut retained: Vec<VersionSummary>,
+    latest: Option<VersionSummary>,
+    listing: &VersionListing,
+) -> Vec<VersionSummary> {
+    let limit = listing.limit.max(0) as usize;
+    if let Some(latest) = latest {
+        if listing.descending {
+            retained.insert(0, latest);
+        } else {
+            retained.push(latest);
+        }
+    }
+    retained.truncate(limit);
+    retained
 }
 use sql_backend;
 

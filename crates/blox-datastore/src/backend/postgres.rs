@@ -19,22 +19,49 @@ pub const STATEMENTS: Statements = Statements {
            FROM blox_entries WHERE universe_id = $1 AND store_kind = $2 AND store_name = $3 \
            AND scope = $4 AND entry_key = $5",
     write: "INSERT INTO blox_entries (universe_id, store_kind, store_name, scope, entry_key, \
-            value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted) \
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9, $9, $10) \
+            value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted, keep_versions) \
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9, $9, $10, $11) \
             ON CONFLICT (universe_id, store_kind, store_name, scope, entry_key) DO UPDATE SET \
             value = excluded.value, user_ids = excluded.user_ids, metadata = excluded.metadata, \
             version_seq = blox_entries.version_seq + 1, \
             created_ms = CASE WHEN blox_entries.deleted THEN excluded.created_ms \
                          ELSE blox_entries.created_ms END, \
-            updated_ms = excluded.updated_ms, deleted = excluded.deleted \
+            updated_ms = excluded.updated_ms, deleted = excluded.deleted, \
+            keep_versions = excluded.keep_versions \
             RETURNING version_seq, created_ms, updated_ms",
     insert_if_absent: "INSERT INTO blox_entries (universe_id, store_kind, store_name, scope, \
-            entry_key, value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted) \
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9, $10, $11) ON CONFLICT DO NOTHING",
+            entry_key, value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted, \
+            keep_versions) \
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9, $10, $11, $12) \
+            ON CONFLICT DO NOTHING",
     update_if_seq: "UPDATE blox_entries SET value = $6, user_ids = $7, metadata = $8, \
-            version_seq = $10, created_ms = $11, updated_ms = $12, deleted = $13 \
+            version_seq = $10, created_ms = $11, updated_ms = $12, deleted = $13, \
+            keep_versions = $14 \
             WHERE universe_id = $1 AND store_kind = $2 AND store_name = $3 AND scope = $4 \
             AND entry_key = $5 AND version_seq = $9",
+    read_version: "SELECT value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted \
+            FROM blox_versions WHERE universe_id = $1 AND store_kind = $2 AND store_name = $3 \
+            AND scope = $4 AND entry_key = $5 AND version_seq = $6",
+    read_version_at: "SELECT value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted \
+            FROM blox_versions WHERE universe_id = $1 AND store_kind = $2 AND store_name = $3 \
+            AND scope = $4 AND entry_key = $5 AND updated_ms <= $6 \
+            ORDER BY version_seq DESC LIMIT 1",
+    list_versions_ascending: "SELECT version_seq, created_ms, updated_ms, deleted \
+            FROM blox_versions WHERE universe_id = $1 AND store_kind = $2 AND store_name = $3 \
+            AND scope = $4 AND entry_key = $5 AND version_seq > $6 AND version_seq < $7 \
+            AND updated_ms >= $8 AND updated_ms <= $9 ORDER BY version_seq LIMIT $10",
+    list_versions_descending: "SELECT version_seq, created_ms, updated_ms, deleted \
+            FROM blox_versions WHERE universe_id = $1 AND store_kind = $2 AND store_name = $3 \
+            AND scope = $4 AND entry_key = $5 AND version_seq > $6 AND version_seq < $7 \
+            AND updated_ms >= $8 AND updated_ms <= $9 \
+            ORDER BY version_seq DESC LIMIT $10",
+    remove_version: "DELETE FROM blox_versions WHERE universe_id = $1 AND store_kind = $2 AND store_name = $3 \
+            AND scope = $4 AND entry_key = $5 AND version_seq = $6",
+    erase_latest_version: "UPDATE blox_entries SET value = 'null', user_ids = '[]', \
+            metadata = '{}', deleted = TRUE WHERE universe_id = $1 AND store_kind = $2 AND store_name = $3 \
+            AND scope = $4 AND entry_key = $5 AND version_seq = $6",
+    purge_versions: "DELETE FROM blox_versions WHERE expires_ms < $1",
+    purge_tombstones: "DELETE FROM blox_entries WHERE deleted = TRUE AND updated_ms < $1",
     list_keys_in_scope: "SELECT scope, entry_key FROM blox_entries \
             WHERE universe_id = $1 AND store_kind = $2 AND store_name = $3 \
             AND scope = $4 AND entry_key >= $5 AND entry_key < $6 \
@@ -54,6 +81,8 @@ pub const STATEMENTS: Statements = Statements {
 #[derive(Debug, Clone)]
 pub struct PostgresBackend {
     pool: PgPool,
+    /// Every write asks to keep the version it supersedes ([`OpenOptions::keep_all_versions`]).
+    keep_all_versions: bool,
 }
 
 impl PostgresBackend {
@@ -86,7 +115,10 @@ impl PostgresBackend {
             .connect_with(connect)
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            keep_all_versions: options.keep_all_versions,
+        })
     }
 }
 
