@@ -40,6 +40,13 @@ impl<T: Clone> ReadCache<T> {
         (now < *expires).then(|| state.clone())
     }
 
+    /// Drops what is known of `scope/key`: the next read goes to the database.
+    pub fn forget(&self, scope: &str, key: &str) {
+        self.entries
+            .borrow_mut()
+            .remove(&(scope.to_owned(), key.to_owned()));
+    }
+
     /// Records the state of `scope/key` as of `now`, fresh for [`CACHE_WINDOW`].
     pub fn put(&self, scope: &str, key: &str, state: T, now: Duration) {
         let mut entries = self.entries.borrow_mut();

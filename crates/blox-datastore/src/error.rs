@@ -87,6 +87,24 @@ pub enum DataStoreError {
         /// The data store's name.
         store: String,
     },
+    /// A version argument that is not a version string of this key's shape.
+    #[error(
+        "DataStoreService: InvalidVersion: The provided version is not valid. API: {api}, Data Store: {store}"
+    )]
+    InvalidVersion {
+        /// The method called.
+        api: &'static str,
+        /// The data store's name.
+        store: String,
+    },
+    /// GetVersionAtTimeAsync's timestamp is not positive or is over ten minutes ahead.
+    #[error(
+        "DataStoreService: InvalidTimestamp: Timestamp must be positive and not more than ten minutes in the future. API: GetVersionAtTimeAsync, Data Store: {store}"
+    )]
+    InvalidTimestamp {
+        /// The data store's name.
+        store: String,
+    },
     /// Stored text that Blox did not write and cannot read.
     #[error("501: Can't parse response, data may be corrupted. ({0})")]
     Corrupt(String),

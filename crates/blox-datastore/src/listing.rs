@@ -1,5 +1,6 @@
-//! Listings and their pages: `ListKeysAsync` (`DataStoreKeyPages` of `DataStoreKey`) and
-//! `ListDataStoresAsync` (`DataStoreListingPages` of `DataStoreInfo`).
+//! Listings and their pages: `ListKeysAsync` (`DataStoreKeyPages` of `DataStoreKey`),
+//! `ListDataStoresAsync` (`DataStoreListingPages` of `DataStoreInfo`) and `ListVersionsAsync`
+//! (`DataStoreVersionPages` of `DataStoreObjectVersionInfo`).
 //!
 //! Pages use keyset pagination over the primary key: each page starts after the previous
 //! page's last (scope, key), or last store name, so keys written meanwhile never shift a page
@@ -14,15 +15,19 @@ use mlua::{MetaMethod, UserData, UserDataFields, UserDataMethods};
 
 use crate::DataStoreError;
 use crate::backend::{
-    KeyListing, ScopeRange, StoreListing, prefix_end, stored_text, unescape_stored_text,
+    KeyListing, ScopeRange, StoreListing, VersionListing, prefix_end, stored_text,
+    unescape_stored_text,
 };
-use crate::service::DataStoreContext;
+use crate::service::{DataStoreContext, version_string};
 
 /// Keys per page when the script passes 0 (or nothing), as Roblox's backend does.
 pub const DEFAULT_KEY_PAGE_SIZE: i64 = 50;
 
 /// Stores per page when the script passes 0 (or nothing), as Roblox's backend does.
 pub const DEFAULT_STORE_PAGE_SIZE: i64 = 32;
+
+/// Versions per page when the script passes 0 (or nothing), as Roblox's backend does.
+pub const DEFAULT_VERSION_PAGE_SIZE: i64 = 1024;
 
 /// Where the next page starts, in stored form: after this (scope, key), or for store
 /// listings after the store named by the second part.
@@ -162,6 +167,47 @@ impl PageSource for StoreQuery {
     }
 }
 
+/// What a `ListVersionsAsync` call lists, independent of the page.
+#[derive(Debug, Clone)]
+pub(crate) struct VersionQuery {
+    pub(crate) listing: VersionListing,
+    pub(crate) page_size: i64,
+    pub(crate) store_name: String,
+}
+
+impl PageSource for VersionQuery {
+    type Item = DataStoreObjectVersionInfo;
+    const CLASS: &'static str = "DataStoreVersionPages";
+
+    async fn fetch(
+        &self,
+        context: &DataStoreContext,
+        after: Position,
+    ) -> mlua::Result<Page<DataStoreObjectVersionInfo>> {
+        let mut listing = self.listing.clone();
+        listing.after_seq = after.1.parse().ok();
+        listing.limit = self.page_size + 1;
+        let mut versions = context
+            .run(
+                "ListVersionsAsync",
+                &self.store_name,
+                move |backend| async move { Ok(backend.list_versions(&listing).await?) },
+            )
+            .await?;
+        let next = keep_page(&mut versions, self.page_size)
+            .map(|last| (String::new(), last.version.seq.to_string()));
+        let infos = versions
+            .iter()
+            .map(|summary| DataStoreObjectVersionInfo {
+                version: version_string(&summary.version),
+                created_ms: summary.version.updated_ms,
+                deleted: summary.deleted,
+            })
+            .collect();
+        Ok((infos, next))
+    }
+}
+
 /// Cuts `rows` (fetched with one row more than a page) down to one page, and returns the
 /// page's last row when more rows follow it: where the next page starts.
 fn keep_page<T>(rows: &mut Vec<T>, page_size: i64) -> Option<&T> {
@@ -291,6 +337,29 @@ impl UserData for DataStoreInfo {
 
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
         methods.add_meta_method(MetaMethod::ToString, |_, _, ()| Ok("DataStoreInfo"));
+    }
+}
+
+/// `DataStoreObjectVersionInfo`: one item of a `DataStoreVersionPages`.
+#[derive(Debug, Clone)]
+pub struct DataStoreObjectVersionInfo {
+    version: String,
+    created_ms: i64,
+    deleted: bool,
+}
+
+impl UserData for DataStoreObjectVersionInfo {
+    fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
+        instance_fields!(fields, "DataStoreObjectVersionInfo");
+        fields.add_field_method_get("Version", |_, info| Ok(info.version.clone()));
+        fields.add_field_method_get("CreatedTime", |_, info| Ok(info.created_ms));
+        fields.add_field_method_get("IsDeleted", |_, info| Ok(info.deleted));
+    }
+
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_meta_method(MetaMethod::ToString, |_, _, ()| {
+            Ok("DataStoreObjectVersionInfo")
+        });
     }
 }
 

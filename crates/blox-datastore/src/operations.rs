@@ -4,7 +4,8 @@
 //! thread nothing. UpdateAsync is the exception: its transform is Luau code, so its loop lives
 //! in [`crate::service`] and calls [`Backend::write_if`] itself.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::DataStoreError;
 use crate::backend::{Backend, BackendError, Entry, EntryKey, Version, Write};
@@ -81,6 +82,23 @@ pub async fn increment(
         let created = created_ms(previous.as_ref(), now_ms);
         if let Some(version) = backend.write_if(key, expected, created, &write).await? {
             return Ok((next, version));
+        }
+    }
+}
+
+/// How often a server purges expired versions and tombstones. Every server of a database
+/// does it; the deletes are idempotent, and each is one indexed range.
+pub const PURGE_INTERVAL: Duration = Duration::from_secs(10 * 60);
+
+/// Purges expired versions and tombstones now and every [`PURGE_INTERVAL`], forever. Runs on
+/// the database runtime, never on the VM thread; a failure is logged and retried next time.
+pub async fn purge_periodically(backend: Arc<dyn Backend>) {
+    let mut ticks = tokio::time::interval(PURGE_INTERVAL);
+    loop {
+        ticks.tick().await;
+        match backend.purge(now_ms()).await {
+            Ok(purged) => tracing::debug!(purged, "purged expired DataStore versions"),
+            Err(error) => tracing::warn!(%error, "purging expired DataStore versions failed"),
         }
     }
 }

@@ -17,18 +17,18 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use mlua::{
-    AnyUserData, Function, IntoLuaMulti, Lua, MetaMethod, MultiValue, Table, UserData,
-    UserDataFields, UserDataMethods, UserDataRef, Value,
+    AnyUserData, Function, IntoLuaMulti, Lua, MetaMethod, MultiValue, ObjectLike as _, Table,
+    UserData, UserDataFields, UserDataMethods, UserDataRef, Value,
 };
 
 use crate::DataStoreError;
 use crate::backend::{
-    Backend, Entry, EntryKey, KeyListing, ScopeRange, StoreKind, StoreListing, Version, Write,
-    stored_text,
+    Backend, Entry, EntryKey, KeyListing, ScopeRange, StoreKind, StoreListing, Version,
+    VersionListing, Write, stored_text,
 };
 use crate::cache::ReadCache;
 use crate::codec::{self, Stored};
-use crate::listing::{self, KeyQuery, Pages, StoreQuery};
+use crate::listing::{self, KeyQuery, Pages, StoreQuery, VersionQuery};
 use crate::operations::{self, OperationError};
 use blox_scheduler::{Scheduler, Signal};
 
@@ -42,6 +42,8 @@ const METADATA_VALUE_LIMIT: usize = 250;
 const METADATA_LIMIT: usize = 300;
 /// .NET ticks (100 ns) at the Unix epoch, for Roblox-shaped version strings.
 const UNIX_EPOCH_TICKS: i64 = 621_355_968_000_000_000;
+/// How far ahead of now GetVersionAtTimeAsync may look (Roblox: ten minutes).
+const VERSION_TIME_LEEWAY_MS: i64 = 10 * 60 * 1000;
 
 /// What every DataStore object of one VM shares: where data lives and who it belongs to.
 #[derive(Debug)]
@@ -591,6 +593,127 @@ impl DataStore {
         Pages::first(Rc::clone(&this.context), query, after).await
     }
 
+    /// Validates a version argument: a Roblox-shaped version string. Returns its sequence.
+    fn version_argument(&self, api: &'static str, version: Value) -> mlua::Result<(String, i64)> {
+        let text = match version {
+            Value::String(text) => text.to_string_lossy(),
+            Value::Nil => return Err(DataStoreError::ArgumentMissing(2).into()),
+            other => return Err(cast_error(&other, "string").into()),
+        };
+        let invalid = || DataStoreError::InvalidVersion {
+            api,
+            store: self.name.clone(),
+        };
+        let seq = parse_version(&text).ok_or_else(invalid)?;
+        Ok((text, seq))
+    }
+
+    async fn get_version(
+        this: UserDataRef<Self>,
+        lua: Lua,
+        (key, version): (Value, Value),
+    ) -> mlua::Result<MultiValue> {
+        let key = this.entry_key(&lua, key)?;
+        let (version, seq) = this.version_argument("GetVersionAsync", version)?;
+        yield_once().await;
+        let found = this
+            .context
+            .run("GetVersionAsync", &this.name, move |backend| async move {
+                let entry = backend.read_version(&key, seq).await?;
+                let entry = entry.filter(|entry| version_string(&entry.version) == version);
+                live_value(entry)
+            })
+            .await?;
+        value_and_info(&lua, found)
+    }
+
+    async fn get_version_at_time(
+        this: UserDataRef<Self>,
+        lua: Lua,
+        (key, timestamp): (Value, Value),
+    ) -> mlua::Result<MultiValue> {
+        let key = this.entry_key(&lua, key)?;
+        let timestamp = match timestamp {
+            Value::Integer(ms) => ms as f64,
+            Value::Number(ms) => ms,
+            Value::Nil => return Err(DataStoreError::ArgumentMissing(2).into()),
+            other => return Err(cast_error(&other, "int64").into()),
+        };
+        if !(timestamp > 0.0 && timestamp <= (operations::now_ms() + VERSION_TIME_LEEWAY_MS) as f64)
+        {
+            return Err(DataStoreError::InvalidTimestamp {
+                store: this.name.clone(),
+            }
+            .into());
+        }
+        yield_once().await;
+        let found = this
+            .context
+            .run(
+                "GetVersionAtTimeAsync",
+                &this.name,
+                move |backend| async move {
+                    live_value(backend.read_version_at(&key, timestamp as i64).await?)
+                },
+            )
+            .await?;
+        value_and_info(&lua, found)
+    }
+
+    async fn list_versions(
+        this: UserDataRef<Self>,
+        lua: Lua,
+        (key, direction, min_date, max_date, page_size): ListVersionsArgs,
+    ) -> mlua::Result<Pages<VersionQuery>> {
+        let key = this.entry_key(&lua, key)?;
+        let descending = sort_direction(direction)?;
+        let page_size = listing::page_size(page_size, listing::DEFAULT_VERSION_PAGE_SIZE)?;
+        let bound = |date: Option<f64>, unbounded: i64| match date {
+            None | Some(0.0) => unbounded,
+            Some(ms) => ms as i64,
+        };
+        let query = VersionQuery {
+            listing: VersionListing {
+                key,
+                descending,
+                min_ms: bound(min_date, i64::MIN),
+                max_ms: bound(max_date, i64::MAX),
+                after_seq: None,
+                limit: 0,
+            },
+            page_size,
+            store_name: this.name.clone(),
+        };
+        yield_once().await;
+        Pages::first(Rc::clone(&this.context), query, Default::default()).await
+    }
+
+    async fn remove_version(
+        this: UserDataRef<Self>,
+        lua: Lua,
+        (key, version): (Value, Value),
+    ) -> mlua::Result<()> {
+        let key = this.entry_key(&lua, key)?;
+        let (version, seq) = this.version_argument("RemoveVersionAsync", version)?;
+        yield_once().await;
+        let remove_key = key.clone();
+        this.context
+            .run(
+                "RemoveVersionAsync",
+                &this.name,
+                move |backend| async move {
+                    let found = backend.read_version(&remove_key, seq).await?;
+                    if found.is_some_and(|entry| version_string(&entry.version) == version) {
+                        backend.remove_version(&remove_key, seq).await?;
+                    }
+                    Ok(())
+                },
+            )
+            .await?;
+        this.cache.forget(&key.scope, &key.key);
+        Ok(())
+    }
+
     async fn remove(this: UserDataRef<Self>, lua: Lua, key: Value) -> mlua::Result<MultiValue> {
         let key = this.entry_key(&lua, key)?;
         yield_once().await;
@@ -618,6 +741,60 @@ fn start_after(
         Some(cursor) => {
             listing::decode_cursor(cursor).ok_or_else(|| listing::invalid_cursor(api, store))
         }
+    }
+}
+
+/// `ListVersionsAsync(key, sortDirection?, minDate?, maxDate?, pageSize?)`.
+type ListVersionsArgs = (Value, Value, Option<f64>, Option<f64>, Option<f64>);
+
+/// The value and key info of a version, or `None` when it is missing or a tombstone.
+fn live_value(entry: Option<Entry>) -> Result<Option<(Stored, KeyInfo)>, OperationError> {
+    match entry {
+        Some(entry) if !entry.deleted => Ok(Some((
+            codec::decode(&entry.value)?,
+            KeyInfo::from_entry(&entry),
+        ))),
+        _ => Ok(None),
+    }
+}
+
+/// An `Enum.SortDirection` argument (an item, its number or its name): true for Descending.
+fn sort_direction(value: Value) -> mlua::Result<bool> {
+    let number = match &value {
+        Value::Nil => return Ok(false),
+        Value::UserData(item) if item.type_name()?.as_bytes() == b"EnumItem".as_slice() => {
+            let is_direction: bool = item.call_method("IsA", "SortDirection")?;
+            if !is_direction {
+                return Err(cast_error(&value, "SortDirection").into());
+            }
+            item.get::<i64>("Value")?
+        }
+        Value::Integer(n) => *n,
+        Value::Number(n) => *n as i64,
+        Value::String(name) if name.as_bytes() == b"Ascending".as_slice() => 0,
+        Value::String(name) if name.as_bytes() == b"Descending".as_slice() => 1,
+        other => return Err(cast_error(other, "SortDirection").into()),
+    };
+    match number {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(cast_error(&value, "SortDirection").into()),
+    }
+}
+
+/// The sequence in a Roblox-shaped version string
+/// (`<16 hex>.<10 digits>.<16 hex>.<2 digits>`), or `None` if it has another shape.
+pub fn parse_version(text: &str) -> Option<i64> {
+    let parts: Vec<&str> = text.split('.').collect();
+    let hex = |part: &str| part.len() == 16 && part.bytes().all(|b| b.is_ascii_hexdigit());
+    let digits = |part: &str, len| part.len() == len && part.bytes().all(|b| b.is_ascii_digit());
+    match parts.as_slice() {
+        [created, seq, updated, tail]
+            if hex(created) && digits(seq, 10) && hex(updated) && digits(tail, 2) =>
+        {
+            seq.parse().ok()
+        }
+        _ => None,
     }
 }
 
@@ -828,6 +1005,19 @@ impl UserData for DataStore {
         });
         methods.add_async_method("ListKeysAsync", |_, this, args: ListKeysArgs| {
             DataStore::list_keys(this, args)
+        });
+        methods.add_async_method("GetVersionAsync", |lua, this, args: (Value, Value)| {
+            DataStore::get_version(this, lua, args)
+        });
+        methods.add_async_method(
+            "GetVersionAtTimeAsync",
+            |lua, this, args: (Value, Value)| DataStore::get_version_at_time(this, lua, args),
+        );
+        methods.add_async_method("ListVersionsAsync", |lua, this, args: ListVersionsArgs| {
+            DataStore::list_versions(this, lua, args)
+        });
+        methods.add_async_method("RemoveVersionAsync", |lua, this, args: (Value, Value)| {
+            DataStore::remove_version(this, lua, args)
         });
         methods.add_method("OnUpdate", |lua, this, (key, callback): (Value, Value)| {
             let key = this.entry_key(lua, key)?;

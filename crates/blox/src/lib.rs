@@ -10,7 +10,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use blox_datastore::DataStoreContext;
+use blox_datastore::{DataStoreContext, operations};
 use blox_datastore::backend::{self, Backend, BackendError, OpenOptions};
 use blox_engine::{CLOSE_DEADLINE, Engine, EngineError, ServerIdentity};
 use blox_scheduler::{RealClock, ThreadError};
@@ -55,7 +55,8 @@ impl std::fmt::Debug for Host {
 }
 
 impl Host {
-    /// Starts the database runtime and opens (and migrates) the database at `url`.
+    /// Starts the database runtime, opens (and migrates) the database at `url`, and starts
+    /// the task that purges expired versions and tombstones beside it.
     pub fn open(url: &str, options: &OpenOptions) -> Result<Self, HostError> {
         let database = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -63,6 +64,7 @@ impl Host {
             .enable_all()
             .build()?;
         let backend = database.block_on(backend::open(url, options))?;
+        database.spawn(operations::purge_periodically(Arc::clone(&backend)));
         Ok(Self { database, backend })
     }
 

@@ -45,6 +45,9 @@ struct ServerArgs {
     /// Connections in the PostgreSQL pool.
     #[arg(long, env = "BLOX_POSTGRES_POOL_SIZE", default_value_t = 8)]
     postgres_pool_size: u32,
+    /// Keep every superseded DataStore version for 30 days, not only Roblox's hourly backups.
+    #[arg(long, env = "BLOX_KEEP_ALL_VERSIONS")]
+    keep_all_versions: bool,
 }
 
 fn main() -> ExitCode {
@@ -85,6 +88,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let options = OpenOptions {
         postgres_pool_size: server.postgres_pool_size,
         sqlite_sync: server.sqlite_sync,
+        keep_all_versions: server.keep_all_versions,
         ..OpenOptions::default()
     };
     let host = Host::open(&server.database_url, &options)?;

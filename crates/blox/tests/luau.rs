@@ -1,6 +1,7 @@
 //! Luau behaviour tests: every `tests/luau/*.luau` script runs through the real runtime against
 //! a real SQLite file and a real PostgreSQL schema. A script passes when its main chunk and
-//! every thread it started finish without error within the time limit.
+//! every thread it started finish without error within the time limit. A script whose first
+//! line is `-- blox-test: keep-all-versions` runs on a server that keeps every version.
 
 use std::time::Duration;
 
@@ -17,7 +18,11 @@ fn run_luau_test(name: &str, database: TestDatabase) {
         .join(format!("{name}.luau"));
     let source = std::fs::read(&path).expect("the script exists");
     let scratch = Scratch::new(database, name);
-    let host = Host::open(&scratch.url, &OpenOptions::default()).expect("database opens");
+    let options = OpenOptions {
+        keep_all_versions: source.starts_with(b"-- blox-test: keep-all-versions"),
+        ..OpenOptions::default()
+    };
+    let host = Host::open(&scratch.url, &options).expect("database opens");
     let identity = ServerIdentity {
         place_id: 1001,
         game_id: 2002,
