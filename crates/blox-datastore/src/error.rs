@@ -105,6 +105,26 @@ pub enum DataStoreError {
         /// The data store's name.
         store: String,
     },
+    /// An ordered store was given a value that is not an integer (exact in a Luau number).
+    #[error("103: {0} is not allowed in data stores.")]
+    OrderedValueNotAllowed(String),
+    /// GetSortedAsync's minValue or maxValue is not an integer.
+    #[error("106: MaxValue and MinValue must be integers.")]
+    MinMaxNotIntegers,
+    /// GetSortedAsync's maxValue is below its minValue.
+    #[error("107: MaxValue must be greater than or equal to MinValue.")]
+    MinMaxOrder,
+    /// BatchGetAsync was given no keys or more than its limit.
+    #[error("BatchGetAsync takes between 1 and {0} keys.")]
+    BatchSize(usize),
+    /// BatchGetAsync called on a standard DataStore, which does not support it.
+    #[error(
+        "DataStoreService: BatchGetAsync is only supported on OrderedDataStore. API: BatchGetAsync, Data Store: {store}"
+    )]
+    BatchGetOnStandard {
+        /// The data store's name.
+        store: String,
+    },
     /// Stored text that Blox did not write and cannot read.
     #[error("501: Can't parse response, data may be corrupted. ({0})")]
     Corrupt(String),

@@ -21,6 +21,25 @@ macro_rules! instance_fields {
     };
 }
 
+/// Adds the members every DataStore class has as an Instance: `tostring`, `IsA`, and
+/// Roblox's error for an unknown member.
+macro_rules! instance_methods {
+    ($methods:ident, $class:expr, $name:expr) => {
+        $methods.add_meta_method(mlua::MetaMethod::ToString, |_, this, ()| Ok($name(this)));
+        $methods.add_meta_method(mlua::MetaMethod::Index, |_, this, member: mlua::Value| {
+            Err::<(), _>(mlua::Error::RuntimeError(format!(
+                "{} is not a valid member of {} \"{}\"",
+                member.to_string().unwrap_or_default(),
+                $class,
+                $name(this)
+            )))
+        });
+        $methods.add_method("IsA", |_, _, class: String| {
+            Ok(class == $class || class == "Instance")
+        });
+    };
+}
+
 pub mod backend;
 pub mod cache;
 pub mod codec;
@@ -29,6 +48,7 @@ pub mod listing;
 
 pub use error::DataStoreError;
 pub mod operations;
+pub mod ordered;
 pub mod service;
 
 pub use service::{DataStoreContext, DataStoreService, create_instance};

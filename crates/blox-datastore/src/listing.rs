@@ -31,10 +31,10 @@ pub const DEFAULT_VERSION_PAGE_SIZE: i64 = 1024;
 
 /// Where the next page starts, in stored form: after this (scope, key), or for store
 /// listings after the store named by the second part.
-type Position = (String, String);
+pub(crate) type Position = (String, String);
 
 /// One page of items and where the next page starts (`None` on the last page).
-type Page<T> = (Vec<T>, Option<Position>);
+pub(crate) type Page<T> = (Vec<T>, Option<Position>);
 
 /// What a [`Pages`] object lists.
 pub(crate) trait PageSource: 'static {
@@ -210,7 +210,7 @@ impl PageSource for VersionQuery {
 
 /// Cuts `rows` (fetched with one row more than a page) down to one page, and returns the
 /// page's last row when more rows follow it: where the next page starts.
-fn keep_page<T>(rows: &mut Vec<T>, page_size: i64) -> Option<&T> {
+pub(crate) fn keep_page<T>(rows: &mut Vec<T>, page_size: i64) -> Option<&T> {
     let more = rows.len() as i64 > page_size;
     rows.truncate(page_size as usize);
     rows.last().filter(|_| more)

@@ -30,6 +30,7 @@ use crate::cache::ReadCache;
 use crate::codec::{self, Stored};
 use crate::listing::{self, KeyQuery, Pages, StoreQuery, VersionQuery};
 use crate::operations::{self, OperationError};
+use crate::ordered::OrderedDataStore;
 use blox_scheduler::{Scheduler, Signal};
 
 /// Limits on keys, names and scopes, in bytes (`string.len`).
@@ -92,6 +93,10 @@ impl DataStoreContext {
             return Ok(());
         };
         let args = match state {
+            // Ordered stores have no key info: their callbacks get the value alone.
+            Some((value, _)) if key.kind == StoreKind::Ordered => {
+                codec::to_lua(lua, value)?.into_lua_multi(lua)?
+            }
             Some((value, info)) => {
                 (codec::to_lua(lua, value)?, info.clone()).into_lua_multi(lua)?
             }
@@ -129,7 +134,7 @@ impl DataStoreContext {
 }
 
 /// Completes on its second poll: the guaranteed yield of every `*Async` call.
-struct YieldOnce(bool);
+pub(crate) struct YieldOnce(bool);
 
 impl Future for YieldOnce {
     type Output = ();
@@ -145,34 +150,15 @@ impl Future for YieldOnce {
     }
 }
 
-fn yield_once() -> YieldOnce {
+pub(crate) fn yield_once() -> YieldOnce {
     YieldOnce(false)
-}
-
-/// Adds the members every DataStore class has as an Instance: `tostring`, `IsA`, and
-/// Roblox's error for an unknown member.
-macro_rules! instance_methods {
-    ($methods:ident, $class:expr, $name:expr) => {
-        $methods.add_meta_method(MetaMethod::ToString, |_, this, ()| Ok($name(this)));
-        $methods.add_meta_method(MetaMethod::Index, |_, this, member: Value| {
-            Err::<(), _>(mlua::Error::RuntimeError(format!(
-                "{} is not a valid member of {} \"{}\"",
-                member.to_string().unwrap_or_default(),
-                $class,
-                $name(this)
-            )))
-        });
-        $methods.add_method("IsA", |_, _, class: String| {
-            Ok(class == $class || class == "Instance")
-        });
-    };
 }
 
 /// `game:GetService("DataStoreService")`.
 #[derive(Debug)]
 pub struct DataStoreService {
     context: Rc<DataStoreContext>,
-    stores: RefCell<HashMap<(String, String, bool), AnyUserData>>,
+    stores: RefCell<HashMap<(StoreKind, String, String, bool), AnyUserData>>,
 }
 
 impl DataStoreService {
@@ -184,24 +170,31 @@ impl DataStoreService {
         }
     }
 
+    /// The store object for (kind, name, scope, AllScopes): one per server, as on Roblox.
     fn store(
         &self,
         lua: &Lua,
+        kind: StoreKind,
         name: String,
         scope: String,
         all_scopes: bool,
     ) -> mlua::Result<AnyUserData> {
-        let cache_key = (name.clone(), scope.clone(), all_scopes);
+        let cache_key = (kind, name.clone(), scope.clone(), all_scopes);
         if let Some(store) = self.stores.borrow().get(&cache_key) {
             return Ok(store.clone());
         }
-        let store = lua.create_userdata(DataStore {
+        let store = DataStore {
             context: Rc::clone(&self.context),
+            kind,
             name,
             scope,
             all_scopes,
             cache: ReadCache::default(),
-        })?;
+        };
+        let store = match kind {
+            StoreKind::Standard => lua.create_userdata(store)?,
+            StoreKind::Ordered => lua.create_userdata(OrderedDataStore(store))?,
+        };
         self.stores.borrow_mut().insert(cache_key, store.clone());
         Ok(store)
     }
@@ -231,34 +224,26 @@ impl UserData for DataStoreService {
                         .get(),
                     None => false,
                 };
-                let name = name_argument(lua, name, 1)?;
-                if name.is_empty() {
-                    return Err(DataStoreError::NameEmpty.into());
-                }
-                if name.len() > NAME_LIMIT {
-                    return Err(DataStoreError::NameTooLong.into());
-                }
-                let scope = match scope {
-                    Value::Nil if all_scopes => String::new(),
-                    Value::Nil => "global".to_owned(),
-                    other => name_argument(lua, other, 2)?,
-                };
-                if all_scopes {
-                    if !scope.is_empty() {
-                        return Err(DataStoreError::ScopeWithAllScopes.into());
-                    }
-                } else if scope.is_empty() {
-                    return Err(DataStoreError::ScopeEmpty.into());
-                }
-                if scope.len() > NAME_LIMIT {
-                    return Err(DataStoreError::ScopeTooLong.into());
-                }
-                service.store(lua, name, scope, all_scopes)
+                let (name, scope) = store_identity(lua, name, scope, all_scopes)?;
+                service.store(lua, StoreKind::Standard, name, scope, all_scopes)
+            },
+        );
+        methods.add_method(
+            "GetOrderedDataStore",
+            |lua, service, (name, scope): (Value, Value)| {
+                let (name, scope) = store_identity(lua, name, scope, false)?;
+                service.store(lua, StoreKind::Ordered, name, scope, false)
             },
         );
         methods.add_method("GetGlobalDataStore", |lua, service, ()| {
             // The global store has no name of its own; "" can never collide with a named one.
-            service.store(lua, String::new(), "u".to_owned(), false)
+            service.store(
+                lua,
+                StoreKind::Standard,
+                String::new(),
+                "u".to_owned(),
+                false,
+            )
         });
         methods.add_async_method(
             "ListDataStoresAsync",
@@ -288,8 +273,40 @@ impl UserData for DataStoreService {
     }
 }
 
+/// Validates GetDataStore's and GetOrderedDataStore's name and scope arguments.
+fn store_identity(
+    lua: &Lua,
+    name: Value,
+    scope: Value,
+    all_scopes: bool,
+) -> mlua::Result<(String, String)> {
+    let name = name_argument(lua, name, 1)?;
+    if name.is_empty() {
+        return Err(DataStoreError::NameEmpty.into());
+    }
+    if name.len() > NAME_LIMIT {
+        return Err(DataStoreError::NameTooLong.into());
+    }
+    let scope = match scope {
+        Value::Nil if all_scopes => String::new(),
+        Value::Nil => "global".to_owned(),
+        other => name_argument(lua, other, 2)?,
+    };
+    if all_scopes {
+        if !scope.is_empty() {
+            return Err(DataStoreError::ScopeWithAllScopes.into());
+        }
+    } else if scope.is_empty() {
+        return Err(DataStoreError::ScopeEmpty.into());
+    }
+    if scope.len() > NAME_LIMIT {
+        return Err(DataStoreError::ScopeTooLong.into());
+    }
+    Ok((name, scope))
+}
+
 /// A name, scope or key argument: strings as they are, numbers as `tostring` writes them.
-fn name_argument(lua: &Lua, value: Value, position: usize) -> mlua::Result<String> {
+pub(crate) fn name_argument(lua: &Lua, value: Value, position: usize) -> mlua::Result<String> {
     match value {
         Value::String(text) => text
             .to_str()
@@ -304,7 +321,7 @@ fn name_argument(lua: &Lua, value: Value, position: usize) -> mlua::Result<Strin
     }
 }
 
-fn cast_error(value: &Value, to: &'static str) -> DataStoreError {
+pub(crate) fn cast_error(value: &Value, to: &'static str) -> DataStoreError {
     DataStoreError::Cast {
         from: match value {
             Value::UserData(userdata) => userdata
@@ -319,11 +336,13 @@ fn cast_error(value: &Value, to: &'static str) -> DataStoreError {
     }
 }
 
-/// A `DataStore` (from GetDataStore or GetGlobalDataStore).
+/// A `DataStore` (from GetDataStore or GetGlobalDataStore), and the state an
+/// [`OrderedDataStore`] shares with it.
 #[derive(Debug)]
 pub struct DataStore {
-    context: Rc<DataStoreContext>,
-    name: String,
+    pub(crate) context: Rc<DataStoreContext>,
+    kind: StoreKind,
+    pub(crate) name: String,
     scope: String,
     all_scopes: bool,
     cache: ReadCache<Option<(Stored, KeyInfo)>>,
@@ -331,7 +350,7 @@ pub struct DataStore {
 
 impl DataStore {
     /// Validates a key argument and builds the entry's full identity.
-    fn entry_key(&self, lua: &Lua, key: Value) -> mlua::Result<EntryKey> {
+    pub(crate) fn entry_key(&self, lua: &Lua, key: Value) -> mlua::Result<EntryKey> {
         let key = name_argument(lua, key, 1)?;
         let (scope, key) = if self.all_scopes {
             match key.split_once('/') {
@@ -350,11 +369,29 @@ impl DataStore {
         }
         Ok(EntryKey {
             universe: self.context.universe,
-            kind: StoreKind::Standard,
+            kind: self.kind,
             store: stored_text(&self.name),
             scope: stored_text(&scope),
             key: stored_text(&key),
         })
+    }
+
+    /// `OnUpdate(key, callback)`: calls `callback` with the new value after every write of
+    /// `key` made on this server.
+    pub(crate) fn on_update(
+        &self,
+        lua: &Lua,
+        (key, callback): (Value, Value),
+    ) -> mlua::Result<blox_scheduler::SignalConnection> {
+        let key = self.entry_key(lua, key)?;
+        let Value::Function(callback) = callback else {
+            return Err(match callback {
+                Value::Nil => DataStoreError::ArgumentMissing(2),
+                other => cast_error(&other, "function"),
+            }
+            .into());
+        };
+        Ok(self.context.update_signal(key).connect(callback))
     }
 
     /// Records what the object now knows of `key`, fresh for the cache window.
@@ -365,7 +402,7 @@ impl DataStore {
 
     /// Records a write made through this object: its cache and this server's `OnUpdate`
     /// callbacks see it at once.
-    fn written(
+    pub(crate) fn written(
         &self,
         lua: &Lua,
         key: &EntryKey,
@@ -382,32 +419,36 @@ impl DataStore {
         (key, options): (Value, Value),
     ) -> mlua::Result<MultiValue> {
         let key = this.entry_key(&lua, key)?;
-        let use_cache = match &options {
-            Value::Nil => true,
-            Value::UserData(options) => options
-                .borrow::<DataStoreGetOptions>()
-                .map_err(|_| cast_error(&Value::UserData(options.clone()), "DataStoreGetOptions"))?
-                .use_cache
-                .get(),
-            other => return Err(cast_error(other, "DataStoreGetOptions").into()),
-        };
+        let use_cache = use_cache(&options)?;
         yield_once().await;
+        let found = this.read_through(&lua, key, use_cache).await?;
+        value_and_info(&lua, found)
+    }
+
+    /// GetAsync's read: from the object's cache when allowed and fresh, else from the
+    /// database, remembering the answer.
+    pub(crate) async fn read_through(
+        &self,
+        lua: &Lua,
+        key: EntryKey,
+        use_cache: bool,
+    ) -> mlua::Result<Option<(Stored, KeyInfo)>> {
         if use_cache {
-            let now = Scheduler::of(&lua).now();
-            if let Some(cached) = this.cache.get(&key.scope, &key.key, now) {
-                return value_and_info(&lua, cached);
+            let now = Scheduler::of(lua).now();
+            if let Some(cached) = self.cache.get(&key.scope, &key.key, now) {
+                return Ok(cached);
             }
         }
         let read_key = key.clone();
-        let found = this
+        let found = self
             .context
-            .run("GetAsync", &this.name, move |backend| async move {
+            .run("GetAsync", &self.name, move |backend| async move {
                 operations::get(backend.as_ref(), &read_key).await
             })
             .await?
             .map(|(value, entry)| (value, KeyInfo::from_entry(&entry)));
-        this.remember(&lua, &key, found.clone());
-        value_and_info(&lua, found)
+        self.remember(lua, &key, found.clone());
+        Ok(found)
     }
 
     async fn set(this: UserDataRef<Self>, lua: Lua, args: SetArgs) -> mlua::Result<String> {
@@ -744,6 +785,19 @@ fn start_after(
     }
 }
 
+/// A GetAsync options argument: whether the object's cache may answer.
+pub(crate) fn use_cache(options: &Value) -> mlua::Result<bool> {
+    match options {
+        Value::Nil => Ok(true),
+        Value::UserData(options) => Ok(options
+            .borrow::<DataStoreGetOptions>()
+            .map_err(|_| cast_error(&Value::UserData(options.clone()), "DataStoreGetOptions"))?
+            .use_cache
+            .get()),
+        other => Err(cast_error(other, "DataStoreGetOptions").into()),
+    }
+}
+
 /// `ListVersionsAsync(key, sortDirection?, minDate?, maxDate?, pageSize?)`.
 type ListVersionsArgs = (Value, Value, Option<f64>, Option<f64>, Option<f64>);
 
@@ -828,14 +882,13 @@ impl mlua::FromLuaMulti for SetArgs {
     }
 }
 
-/// Calls an UpdateAsync transform, which may not yield. Returns `None` when it cancels (its
-/// first result is nil), else the encoded value, user ids and metadata.
-fn run_transform(
+/// Calls an UpdateAsync transform, which may not yield, and returns what it returned.
+pub(crate) fn call_transform(
     transform: &Function,
     current: Value,
     info: Value,
-) -> mlua::Result<Option<(String, String, String)>> {
-    let results = transform
+) -> mlua::Result<MultiValue> {
+    transform
         .call::<MultiValue>((current, info))
         .map_err(|error| {
             if blox_scheduler::error_message(&error).contains("attempt to yield") {
@@ -843,8 +896,17 @@ fn run_transform(
             } else {
                 error
             }
-        })?;
-    let mut results = results.into_iter();
+        })
+}
+
+/// Calls an UpdateAsync transform. Returns `None` when it cancels (its first result is nil),
+/// else the encoded value, user ids and metadata.
+fn run_transform(
+    transform: &Function,
+    current: Value,
+    info: Value,
+) -> mlua::Result<Option<(String, String, String)>> {
+    let mut results = call_transform(transform, current, info)?.into_iter();
     let value = results.next().unwrap_or(Value::Nil);
     match &value {
         Value::Nil => return Ok(None),
@@ -863,7 +925,7 @@ fn run_transform(
     Ok(Some((encoded, user_ids, metadata)))
 }
 
-fn codec_type_name(value: &Value) -> String {
+pub(crate) fn codec_type_name(value: &Value) -> String {
     match value {
         Value::UserData(userdata) => userdata
             .type_name()
@@ -1019,16 +1081,16 @@ impl UserData for DataStore {
         methods.add_async_method("RemoveVersionAsync", |lua, this, args: (Value, Value)| {
             DataStore::remove_version(this, lua, args)
         });
-        methods.add_method("OnUpdate", |lua, this, (key, callback): (Value, Value)| {
-            let key = this.entry_key(lua, key)?;
-            let Value::Function(callback) = callback else {
-                return Err(match callback {
-                    Value::Nil => DataStoreError::ArgumentMissing(2),
-                    other => cast_error(&other, "function"),
+        methods.add_method("OnUpdate", |lua, this, args: (Value, Value)| {
+            this.on_update(lua, args)
+        });
+        methods.add_method("BatchGetAsync", |_, this, _: MultiValue| {
+            Err::<(), _>(
+                DataStoreError::BatchGetOnStandard {
+                    store: this.name.clone(),
                 }
-                .into());
-            };
-            Ok(this.context.update_signal(key).connect(callback))
+                .into(),
+            )
         });
     }
 }
@@ -1042,7 +1104,20 @@ pub struct KeyInfo {
 }
 
 impl KeyInfo {
-    fn from_entry(entry: &Entry) -> Self {
+    /// The key info of a store without versions (an ordered store), which scripts never see.
+    pub(crate) fn unversioned() -> Self {
+        Self {
+            version: Version {
+                seq: 0,
+                created_ms: 0,
+                updated_ms: 0,
+            },
+            user_ids: "[]".to_owned(),
+            metadata: "{}".to_owned(),
+        }
+    }
+
+    pub(crate) fn from_entry(entry: &Entry) -> Self {
         Self {
             version: entry.version,
             user_ids: entry.user_ids.clone(),

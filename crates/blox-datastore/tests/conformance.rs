@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use blox_datastore::DataStoreError;
 use blox_datastore::backend::{
-    self, Backend, EntryKey, KeyListing, OpenOptions, ScopeRange, StoreKind, StoreListing,
-    VersionListing, Write,
+    self, Backend, EntryKey, KeyListing, OpenOptions, ScopeRange, SortedListing, StoreKind,
+    StoreListing, VersionListing, Write,
 };
 use blox_datastore::operations::{self, OperationError};
 use blox_testkit::{Scratch, TestDatabase};
@@ -466,6 +466,132 @@ async fn purges_expired_versions_and_old_tombstones(backend: Arc<dyn Backend>) {
     assert_eq!(backend.read(&removed).await.unwrap(), None);
 }
 
+fn ordered(store: &str, scope: &str, name: &str) -> EntryKey {
+    EntryKey {
+        kind: StoreKind::Ordered,
+        store: store.to_owned(),
+        scope: scope.to_owned(),
+        ..key(name)
+    }
+}
+
+fn sorted(descending: bool, after: Option<(i64, &str)>, limit: i64) -> SortedListing {
+    SortedListing {
+        universe: 1,
+        store: "Board".to_owned(),
+        scope: "global".to_owned(),
+        descending,
+        min_value: i64::MIN,
+        max_value: i64::MAX,
+        after: after.map(|(value, key)| (value, key.to_owned())),
+        limit,
+    }
+}
+
+async fn lists_ordered_entries_by_value_then_key(backend: Arc<dyn Backend>) {
+    for (name, value) in [
+        ("c", 5),
+        ("a", 5),
+        ("b", -3),
+        ("d", 40),
+        ("e", 9_007_199_254_740_992_i64),
+    ] {
+        let entry = ordered("Board", "global", name);
+        backend
+            .write(&entry, &write(&value.to_string(), 1))
+            .await
+            .unwrap();
+    }
+    // Neighbours that must not show: another scope, another store, a standard store.
+    backend
+        .write(&ordered("Board", "weekly", "x"), &write("7", 1))
+        .await
+        .unwrap();
+    backend
+        .write(&ordered("Other", "global", "y"), &write("7", 1))
+        .await
+        .unwrap();
+    let standard = EntryKey {
+        store: "Board".to_owned(),
+        ..key("z")
+    };
+    backend.write(&standard, &write("7", 1)).await.unwrap();
+
+    let b = backend.as_ref();
+    let page = |listing: SortedListing| async move { b.list_sorted(&listing).await.unwrap() };
+    let names = |rows: Vec<(String, i64)>| {
+        rows.into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    assert_eq!(
+        names(page(sorted(false, None, 10)).await),
+        "b=-3,a=5,c=5,d=40,e=9007199254740992"
+    );
+    assert_eq!(names(page(sorted(false, None, 2)).await), "b=-3,a=5");
+    assert_eq!(
+        names(page(sorted(false, Some((5, "a")), 2)).await),
+        "c=5,d=40"
+    );
+    assert_eq!(
+        names(page(sorted(true, None, 3)).await),
+        "e=9007199254740992,d=40,c=5"
+    );
+    assert_eq!(
+        names(page(sorted(true, Some((5, "c")), 10)).await),
+        "a=5,b=-3"
+    );
+    let bounded = SortedListing {
+        min_value: 5,
+        max_value: 40,
+        ..sorted(true, None, 10)
+    };
+    assert_eq!(names(page(bounded).await), "d=40,c=5,a=5");
+
+    let gone = backend
+        .delete(&ordered("Board", "global", "d"))
+        .await
+        .unwrap();
+    assert_eq!(gone.map(|entry| entry.value).as_deref(), Some("40"));
+    assert_eq!(
+        backend
+            .delete(&ordered("Board", "global", "d"))
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        backend
+            .read(&ordered("Board", "global", "d"))
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        names(page(sorted(true, None, 2)).await),
+        "e=9007199254740992,c=5"
+    );
+}
+
+async fn ordered_writes_keep_no_versions(backend: Arc<dyn Backend>) {
+    let entry = ordered("Board", "global", "k");
+    backend.write(&entry, &write("1", HOUR)).await.unwrap();
+    backend.write(&entry, &write("2", 2 * HOUR)).await.unwrap();
+    let listing = VersionListing {
+        key: entry.clone(),
+        ..versions(false, None, 10)
+    };
+    let seqs: Vec<i64> = backend
+        .list_versions(&listing)
+        .await
+        .unwrap()
+        .iter()
+        .map(|summary| summary.version.seq)
+        .collect();
+    assert_eq!(seqs, [2], "only the current value");
+}
+
 async fn keeps_every_version_when_asked(database: TestDatabase) {
     let scratch = Scratch::new(database, "keep_all_versions");
     let options = OpenOptions {
@@ -573,4 +699,6 @@ conformance!(
     lists_versions_in_pages_both_ways,
     removing_the_latest_version_leaves_a_tombstone,
     purges_expired_versions_and_old_tombstones,
+    lists_ordered_entries_by_value_then_key,
+    ordered_writes_keep_no_versions,
 );

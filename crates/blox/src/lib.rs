@@ -10,8 +10,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use blox_datastore::{DataStoreContext, operations};
 use blox_datastore::backend::{self, Backend, BackendError, OpenOptions};
+use blox_datastore::{DataStoreContext, operations};
 use blox_engine::{CLOSE_DEADLINE, Engine, EngineError, ServerIdentity};
 use blox_scheduler::{RealClock, ThreadError};
 

@@ -32,6 +32,8 @@ pub use sqlite::{SqliteBackend, SqliteSync};
 pub enum StoreKind {
     /// A `DataStore` (GetDataStore, GetGlobalDataStore).
     Standard = 0,
+    /// An `OrderedDataStore`: integer values, no versions, sorted listings.
+    Ordered = 1,
 }
 
 /// The full identity of one entry. Every row belongs to a universe (a game), so two games
@@ -231,6 +233,27 @@ pub struct VersionListing {
     pub limit: i64,
 }
 
+/// One page request of `GetSortedAsync`: an ordered store's entries by value, then key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SortedListing {
+    /// The universe.
+    pub universe: i64,
+    /// The ordered store's name, in [`stored_text`] form.
+    pub store: String,
+    /// The scope, in [`stored_text`] form.
+    pub scope: String,
+    /// Highest values first instead of lowest first.
+    pub descending: bool,
+    /// The lowest value listed (inclusive).
+    pub min_value: i64,
+    /// The highest value listed (inclusive).
+    pub max_value: i64,
+    /// Only entries after this (value, key) in the listing's order; `None` for the start.
+    pub after: Option<(i64, String)>,
+    /// The most entries to return.
+    pub limit: i64,
+}
+
 /// One version of a listing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VersionSummary {
@@ -343,6 +366,16 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// without a latest version, so it becomes a tombstone with the same sequence instead.
     async fn remove_version(&self, key: &EntryKey, seq: i64) -> Result<(), BackendError>;
 
+    /// Deletes `key` for good (an ordered store's RemoveAsync). Returns what it held.
+    async fn delete(&self, key: &EntryKey) -> Result<Option<Entry>, BackendError>;
+
+    /// One page of an ordered store's entries as (key, value), served by an index on
+    /// (value, key), so a page costs the same at any rank.
+    async fn list_sorted(
+        &self,
+        listing: &SortedListing,
+    ) -> Result<Vec<(String, i64)>, BackendError>;
+
     /// Deletes retained versions that expired before `now_ms`, and keys removed more than
     /// [`RETENTION_MS`] before it. Returns how many rows went.
     async fn purge(&self, now_ms: i64) -> Result<u64, BackendError>;
@@ -441,6 +474,13 @@ pub struct Statements {
     pub purge_versions: &'static str,
     /// Deletes every key whose latest version is a tombstone written before a time (cutoff).
     pub purge_tombstones: &'static str,
+    /// Deletes a key for good, returning its row (same columns as `read`).
+    pub delete: &'static str,
+    /// Lists an ordered store's entries by rising (value, key) (universe, store, scope,
+    /// min_value, max_value, after_value, after_key, limit), returning entry_key, value.
+    pub sorted_ascending: &'static str,
+    /// The same, by falling (value, key), before (before_value, before_key).
+    pub sorted_descending: &'static str,
     /// Lists keys of one scope (universe, kind, store, scope, key_from, key_to,
     /// exclude_deleted, limit), returning scope, entry_key.
     pub list_keys_in_scope: &'static str,
@@ -804,6 +844,55 @@ macro_rules! sql_backend {
                         .await?;
                 }
                 Ok(())
+            }
+
+            async fn delete(
+                &self,
+                key: &$crate::backend::EntryKey,
+            ) -> Result<Option<$crate::backend::Entry>, $crate::backend::BackendError> {
+                let query = $crate::backend::bind_key(sqlx::query::<$db>($statements.delete), key);
+                let row = query.fetch_optional(&self.$write).await?;
+                Ok(row
+                    .as_ref()
+                    .map($crate::backend::entry_from_row)
+                    .transpose()?)
+            }
+
+            async fn list_sorted(
+                &self,
+                listing: &$crate::backend::SortedListing,
+            ) -> Result<Vec<(String, i64)>, $crate::backend::BackendError> {
+                let (statement, start) = if listing.descending {
+                    (
+                        $statements.sorted_descending,
+                        (
+                            listing.max_value,
+                            $crate::backend::BEYOND_EVERY_KEY.to_owned(),
+                        ),
+                    )
+                } else {
+                    (
+                        $statements.sorted_ascending,
+                        (listing.min_value, String::new()),
+                    )
+                };
+                let (after_value, after_key) = listing.after.clone().unwrap_or(start);
+                let rows = sqlx::query::<$db>(statement)
+                    .bind(listing.universe)
+                    .bind(listing.store.clone())
+                    .bind(listing.scope.clone())
+                    .bind(listing.min_value)
+                    .bind(listing.max_value)
+                    .bind(after_value)
+                    .bind(after_key)
+                    .bind(listing.limit)
+                    .fetch_all(&self.$read)
+                    .await?;
+                let entries: Result<Vec<_>, sqlx::Error> = rows
+                    .iter()
+                    .map(|row| Ok((sqlx::Row::try_get(row, 0)?, sqlx::Row::try_get(row, 1)?)))
+                    .collect();
+                Ok(entries?)
             }
 
             async fn purge(&self, now_ms: i64) -> Result<u64, $crate::backend::BackendError> {

@@ -62,6 +62,19 @@ pub const STATEMENTS: Statements = Statements {
             AND scope = $4 AND entry_key = $5 AND version_seq = $6",
     purge_versions: "DELETE FROM blox_versions WHERE expires_ms < $1",
     purge_tombstones: "DELETE FROM blox_entries WHERE deleted = TRUE AND updated_ms < $1",
+    delete: "DELETE FROM blox_entries WHERE universe_id = $1 AND store_kind = $2 AND store_name = $3 \
+            AND scope = $4 AND entry_key = $5 \
+            RETURNING value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted",
+    sorted_ascending: "SELECT entry_key, (CASE WHEN store_kind = 1 THEN value::bigint END) FROM blox_entries \
+            WHERE store_kind = 1 AND universe_id = $1 AND store_name = $2 AND scope = $3 \
+            AND (CASE WHEN store_kind = 1 THEN value::bigint END) >= $4 AND (CASE WHEN store_kind = 1 THEN value::bigint END) <= $5 \
+            AND ((CASE WHEN store_kind = 1 THEN value::bigint END), entry_key) > ($6, $7) \
+            ORDER BY (CASE WHEN store_kind = 1 THEN value::bigint END), entry_key LIMIT $8",
+    sorted_descending: "SELECT entry_key, (CASE WHEN store_kind = 1 THEN value::bigint END) FROM blox_entries \
+            WHERE store_kind = 1 AND universe_id = $1 AND store_name = $2 AND scope = $3 \
+            AND (CASE WHEN store_kind = 1 THEN value::bigint END) >= $4 AND (CASE WHEN store_kind = 1 THEN value::bigint END) <= $5 \
+            AND ((CASE WHEN store_kind = 1 THEN value::bigint END), entry_key) < ($6, $7) \
+            ORDER BY (CASE WHEN store_kind = 1 THEN value::bigint END) DESC, entry_key DESC LIMIT $8",
     list_keys_in_scope: "SELECT scope, entry_key FROM blox_entries \
             WHERE universe_id = $1 AND store_kind = $2 AND store_name = $3 \
             AND scope = $4 AND entry_key >= $5 AND entry_key < $6 \

@@ -89,6 +89,19 @@ pub const STATEMENTS: Statements = Statements {
             AND scope = ?4 AND entry_key = ?5 AND version_seq = ?6",
     purge_versions: "DELETE FROM blox_versions WHERE expires_ms < ?1",
     purge_tombstones: "DELETE FROM blox_entries WHERE deleted = 1 AND updated_ms < ?1",
+    delete: "DELETE FROM blox_entries WHERE universe_id = ?1 AND store_kind = ?2 AND store_name = ?3 \
+            AND scope = ?4 AND entry_key = ?5 \
+            RETURNING value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted",
+    sorted_ascending: "SELECT entry_key, CAST(value AS INTEGER) FROM blox_entries \
+            WHERE store_kind = 1 AND universe_id = ?1 AND store_name = ?2 AND scope = ?3 \
+            AND CAST(value AS INTEGER) >= ?4 AND CAST(value AS INTEGER) <= ?5 \
+            AND (CAST(value AS INTEGER), entry_key) > (?6, ?7) \
+            ORDER BY CAST(value AS INTEGER), entry_key LIMIT ?8",
+    sorted_descending: "SELECT entry_key, CAST(value AS INTEGER) FROM blox_entries \
+            WHERE store_kind = 1 AND universe_id = ?1 AND store_name = ?2 AND scope = ?3 \
+            AND CAST(value AS INTEGER) >= ?4 AND CAST(value AS INTEGER) <= ?5 \
+            AND (CAST(value AS INTEGER), entry_key) < (?6, ?7) \
+            ORDER BY CAST(value AS INTEGER) DESC, entry_key DESC LIMIT ?8",
     list_keys_in_scope: "SELECT scope, entry_key FROM blox_entries \
             WHERE universe_id = ?1 AND store_kind = ?2 AND store_name = ?3 \
             AND scope = ?4 AND entry_key >= ?5 AND entry_key < ?6 \
