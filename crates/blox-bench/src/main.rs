@@ -19,6 +19,7 @@ use blox_datastore::DataStoreContext;
 use blox_datastore::backend::{
     EntryKey, OpenOptions, Statements, StoreKind, Write, postgres, sqlite,
 };
+use blox_datastore::budget::Throttling;
 use blox_engine::{Engine, ServerIdentity};
 use blox_scheduler::{FRAME, RealClock};
 use clap::{Parser, ValueEnum};
@@ -303,6 +304,7 @@ fn run_script<T>(
             Arc::clone(host.backend()),
             host.database_runtime().handle().clone(),
             UNIVERSE,
+            Throttling::Off,
         );
         let identity = ServerIdentity {
             place_id: 1,

@@ -125,6 +125,29 @@ pub enum DataStoreError {
         /// The data store's name.
         store: String,
     },
+    /// A request over its family's budget whose queue is full.
+    #[error(
+        "DataStoreService: {family}GameServerThrottled: {family} request was throttled by game server limits or the request queue was full. API: {api}, Data Store: {store}"
+    )]
+    GameServerThrottled {
+        /// The request family, e.g. `StandardRead`.
+        family: &'static str,
+        /// The method called.
+        api: &'static str,
+        /// The data store's name.
+        store: String,
+    },
+    /// `SetRateLimitForRequestType` with `UpdateAsync` or `OnUpdate`, whose limits are fixed.
+    #[error("SetRateLimitForRequestType does not support this request type")]
+    RateLimitNotConfigurable,
+    /// `SetRateLimitForRequestType` with a limit outside the range for its request type.
+    #[error("SetRateLimitForRequestType: {parameter} must be an integer between 0 and {max}")]
+    RateLimitOutOfRange {
+        /// `baseLimit` or `perPlayerLimit`.
+        parameter: &'static str,
+        /// The largest value allowed.
+        max: u32,
+    },
     /// Stored text that Blox did not write and cannot read.
     #[error("501: Can't parse response, data may be corrupted. ({0})")]
     Corrupt(String),

@@ -41,6 +41,7 @@ macro_rules! instance_methods {
 }
 
 pub mod backend;
+pub mod budget;
 pub mod cache;
 pub mod codec;
 mod error;

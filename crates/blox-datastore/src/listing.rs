@@ -18,6 +18,7 @@ use crate::backend::{
     KeyListing, ScopeRange, StoreListing, VersionListing, prefix_end, stored_text,
     unescape_stored_text,
 };
+use crate::budget::Family;
 use crate::service::{DataStoreContext, version_string};
 
 /// Keys per page when the script passes 0 (or nothing), as Roblox's backend does.
@@ -42,6 +43,12 @@ pub(crate) trait PageSource: 'static {
     type Item: mlua::IntoLua + Clone + 'static;
     /// The Roblox class of the pages object.
     const CLASS: &'static str;
+    /// The budget every page, the first and each next one, is spent from.
+    const FAMILY: Family;
+    /// The method whose budget and errors the pages carry.
+    const API: &'static str;
+    /// The data store named in throttle errors.
+    fn store_name(&self) -> &str;
     /// The page after `after`.
     async fn fetch(
         &self,
@@ -87,6 +94,12 @@ impl KeyQuery {
 impl PageSource for KeyQuery {
     type Item = DataStoreKey;
     const CLASS: &'static str = "DataStoreKeyPages";
+    const FAMILY: Family = Family::StandardList;
+    const API: &'static str = "ListKeysAsync";
+
+    fn store_name(&self) -> &str {
+        &self.store_name
+    }
 
     async fn fetch(
         &self,
@@ -139,6 +152,12 @@ impl StoreQuery {
 impl PageSource for StoreQuery {
     type Item = DataStoreInfo;
     const CLASS: &'static str = "DataStoreListingPages";
+    const FAMILY: Family = Family::StandardList;
+    const API: &'static str = "ListDataStoresAsync";
+
+    fn store_name(&self) -> &str {
+        ""
+    }
 
     async fn fetch(
         &self,
@@ -178,6 +197,12 @@ pub(crate) struct VersionQuery {
 impl PageSource for VersionQuery {
     type Item = DataStoreObjectVersionInfo;
     const CLASS: &'static str = "DataStoreVersionPages";
+    const FAMILY: Family = Family::StandardList;
+    const API: &'static str = "ListVersionsAsync";
+
+    fn store_name(&self) -> &str {
+        &self.store_name
+    }
 
     async fn fetch(
         &self,
@@ -255,10 +280,14 @@ pub(crate) struct Pages<S: PageSource> {
 impl<S: PageSource> Pages<S> {
     /// Fetches the first page (after `after`) and wraps it.
     pub(crate) async fn first(
+        lua: &mlua::Lua,
         context: Rc<DataStoreContext>,
         source: S,
         after: Position,
     ) -> mlua::Result<Self> {
+        context
+            .spend(lua, S::FAMILY, 1, S::API, source.store_name(), "")
+            .await?;
         let page = source.fetch(&context, after).await?;
         Ok(Self {
             context,
@@ -287,12 +316,17 @@ impl<S: PageSource> UserData for Pages<S> {
         methods.add_method("GetCurrentPage", |lua, pages, ()| {
             lua.create_sequence_from(pages.page.borrow().0.iter().cloned())
         });
-        methods.add_async_method("AdvanceToNextPageAsync", |_, pages, ()| async move {
+        methods.add_async_method("AdvanceToNextPageAsync", |lua, pages, ()| async move {
             let Some(after) = pages.page.borrow().1.clone() else {
                 return Err(mlua::Error::RuntimeError(
                     "No pages to advance to".to_owned(),
                 ));
             };
+            let store = pages.source.store_name().to_owned();
+            pages
+                .context
+                .spend(&lua, S::FAMILY, 1, S::API, &store, "")
+                .await?;
             let next = pages.source.fetch(&pages.context, after).await?;
             *pages.page.borrow_mut() = next;
             Ok(())

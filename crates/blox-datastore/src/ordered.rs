@@ -13,6 +13,7 @@ use mlua::{
 
 use crate::DataStoreError;
 use crate::backend::{EntryKey, SortedListing, Write};
+use crate::budget::Family;
 use crate::codec::Stored;
 use crate::listing::{Page, PageSource, Pages, Position, keep_page};
 use crate::operations::{self, OperationError};
@@ -92,6 +93,9 @@ impl OrderedDataStore {
         }
         let value = ordered_value(&value)?;
         yield_once().await;
+        this.0
+            .spend(&lua, Family::OrderedWrite, "SetAsync", &key)
+            .await?;
         let write_key = key.clone();
         this.0
             .context
@@ -117,6 +121,9 @@ impl OrderedDataStore {
             other => return Err(cast_error(other, "int").into()),
         };
         yield_once().await;
+        this.0
+            .spend(&lua, Family::OrderedWrite, "IncrementAsync", &key)
+            .await?;
         let write_key = key.clone();
         let value = this
             .0
@@ -165,6 +172,10 @@ impl OrderedDataStore {
             .into());
         };
         yield_once().await;
+        this.0
+            .spend(&lua, Family::OrderedRead, "UpdateAsync", &key)
+            .await?;
+        let mut write_paid = false;
         loop {
             let read_key = key.clone();
             let previous = this
@@ -177,6 +188,12 @@ impl OrderedDataStore {
             let Some(next) = transform_ordered(&transform, previous.as_ref())? else {
                 return Ok(Value::Nil);
             };
+            if !write_paid {
+                this.0
+                    .spend(&lua, Family::OrderedWrite, "UpdateAsync", &key)
+                    .await?;
+                write_paid = true;
+            }
             let write = ordered_write(next);
             let created = operations::created_ms(previous.as_ref(), write.now_ms);
             let expected = previous.map(|entry| entry.version);
@@ -199,6 +216,9 @@ impl OrderedDataStore {
     async fn remove(this: UserDataRef<Self>, lua: Lua, key: Value) -> mlua::Result<Value> {
         let key = this.0.entry_key(&lua, key)?;
         yield_once().await;
+        this.0
+            .spend(&lua, Family::OrderedRemove, "RemoveAsync", &key)
+            .await?;
         let remove_key = key.clone();
         let removed = this
             .0
@@ -262,7 +282,7 @@ impl OrderedDataStore {
             store_name: this.0.name.clone(),
         };
         yield_once().await;
-        Pages::first(this.0.context.clone(), query, Position::default()).await
+        Pages::first(&lua, this.0.context.clone(), query, Position::default()).await
     }
 
     async fn batch_get(
@@ -287,6 +307,18 @@ impl OrderedDataStore {
             entry_keys.push(this.0.entry_key(&lua, key)?);
         }
         yield_once().await;
+        // One OrderedRead per key, as Roblox counts it.
+        this.0
+            .context
+            .spend(
+                &lua,
+                Family::OrderedRead,
+                count as u32,
+                "BatchGetAsync",
+                &this.0.name,
+                "",
+            )
+            .await?;
         let found = this
             .0
             .context
@@ -396,6 +428,12 @@ impl IntoLua for SortedEntry {
 impl PageSource for SortedQuery {
     type Item = SortedEntry;
     const CLASS: &'static str = "DataStorePages";
+    const FAMILY: Family = Family::OrderedList;
+    const API: &'static str = "GetSortedAsync";
+
+    fn store_name(&self) -> &str {
+        &self.store_name
+    }
 
     async fn fetch(
         &self,

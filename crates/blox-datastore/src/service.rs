@@ -26,6 +26,7 @@ use crate::backend::{
     Backend, Entry, EntryKey, KeyListing, ScopeRange, StoreKind, StoreListing, Version,
     VersionListing, Write, stored_text,
 };
+use crate::budget::{Family, RequestBudgets, RequestType, Throttling};
 use crate::cache::ReadCache;
 use crate::codec::{self, Stored};
 use crate::listing::{self, KeyQuery, Pages, StoreQuery, VersionQuery};
@@ -54,22 +55,48 @@ pub struct DataStoreContext {
     universe: i64,
     /// `OnUpdate` subscriptions, fired by writes made on this server.
     update_signals: RefCell<HashMap<EntryKey, Signal>>,
+    /// This server's request budgets and throttle queues.
+    budgets: RequestBudgets,
 }
 
 impl DataStoreContext {
     /// A context storing into `backend` for the game `universe`, running database work on
-    /// `runtime` (a multi-thread runtime other than the VM's).
+    /// `runtime` (a multi-thread runtime other than the VM's), with request budgets as
+    /// `throttling` sets them.
     pub fn new(
         backend: Arc<dyn Backend>,
         runtime: tokio::runtime::Handle,
         universe: i64,
+        throttling: Throttling,
     ) -> Rc<Self> {
         Rc::new(Self {
             backend,
             runtime,
             universe,
             update_signals: RefCell::default(),
+            budgets: RequestBudgets::new(throttling),
         })
+    }
+
+    /// Sets the live player count that request budgets scale with.
+    pub fn set_player_count(&self, players: u32) {
+        self.budgets.set_players(players);
+    }
+
+    /// Spends `cost` requests of `family` for a call of `api`, waiting in its throttle
+    /// queue when over budget (see [`crate::budget`]).
+    pub(crate) async fn spend(
+        &self,
+        lua: &Lua,
+        family: Family,
+        cost: u32,
+        api: &'static str,
+        store: &str,
+        key: &str,
+    ) -> mlua::Result<()> {
+        self.budgets
+            .acquire(lua, family, cost, api, store, key)
+            .await
     }
 
     /// The signal `OnUpdate` connects to for `key`.
@@ -247,7 +274,7 @@ impl UserData for DataStoreService {
         });
         methods.add_async_method(
             "ListDataStoresAsync",
-            |_, service, (prefix, page_size, cursor): (Option<String>, Option<f64>, Option<String>)| async move {
+            |lua, service, (prefix, page_size, cursor): (Option<String>, Option<f64>, Option<String>)| async move {
                 let page_size = listing::page_size(page_size, listing::DEFAULT_STORE_PAGE_SIZE)?;
                 let after = start_after(cursor, "ListDataStoresAsync", "")?;
                 let base = StoreListing {
@@ -263,13 +290,28 @@ impl UserData for DataStoreService {
                     page_size,
                 };
                 yield_once().await;
-                Pages::first(Rc::clone(&service.context), query, after).await
+                Pages::first(&lua, Rc::clone(&service.context), query, after).await
             },
         );
-        methods.add_method("GetRequestBudgetForRequestType", |_, _, _: Value| {
-            // Blox does not throttle yet: report the documented per-minute base budget.
-            Ok(60)
-        });
+        methods.add_method(
+            "GetRequestBudgetForRequestType",
+            |lua, service, request: Value| {
+                let request = request_type(request)?;
+                let now = Scheduler::of(lua).now();
+                Ok(service.context.budgets.available(request, now))
+            },
+        );
+        methods.add_method(
+            "SetRateLimitForRequestType",
+            |lua, service, (request, base, per_player): (Value, f64, f64)| {
+                let request = request_type(request)?;
+                let now = Scheduler::of(lua).now();
+                Ok(service
+                    .context
+                    .budgets
+                    .set_limit(request, base, per_player, now)?)
+            },
+        );
     }
 }
 
@@ -394,6 +436,20 @@ impl DataStore {
         Ok(self.context.update_signal(key).connect(callback))
     }
 
+    /// Spends one request of `family` on `key` from this server's budget.
+    pub(crate) async fn spend(
+        &self,
+        lua: &Lua,
+        family: Family,
+        api: &'static str,
+        key: &EntryKey,
+    ) -> mlua::Result<()> {
+        let key = crate::backend::unescape_stored_text(&key.key);
+        self.context
+            .spend(lua, family, 1, api, &self.name, &key)
+            .await
+    }
+
     /// Records what the object now knows of `key`, fresh for the cache window.
     fn remember(&self, lua: &Lua, key: &EntryKey, state: Option<(Stored, KeyInfo)>) {
         let now = Scheduler::of(lua).now();
@@ -439,6 +495,11 @@ impl DataStore {
                 return Ok(cached);
             }
         }
+        let family = match self.kind {
+            StoreKind::Standard => Family::StandardRead,
+            StoreKind::Ordered => Family::OrderedRead,
+        };
+        self.spend(lua, family, "GetAsync", &key).await?;
         let read_key = key.clone();
         let found = self
             .context
@@ -460,6 +521,8 @@ impl DataStore {
         let user_ids = user_ids_json(args.user_ids)?;
         let metadata = metadata_json(options_metadata(args.options, "DataStoreSetOptions")?)?;
         yield_once().await;
+        this.spend(&lua, Family::StandardWrite, "SetAsync", &key)
+            .await?;
         let write_key = key.clone();
         let (stored, info) = this
             .context
@@ -500,6 +563,9 @@ impl DataStore {
             .into());
         };
         yield_once().await;
+        this.spend(&lua, Family::StandardRead, "UpdateAsync", &key)
+            .await?;
+        let mut write_paid = false;
         loop {
             let read_key = Arc::clone(&key);
             let previous = this
@@ -524,6 +590,11 @@ impl DataStore {
             let Some(write) = run_transform(&transform, current, info)? else {
                 return Value::Nil.into_lua_multi(&lua);
             };
+            if !write_paid {
+                this.spend(&lua, Family::StandardWrite, "UpdateAsync", &key)
+                    .await?;
+                write_paid = true;
+            }
             let (value, user_ids, metadata) = write;
             let now_ms = operations::now_ms();
             let created = operations::created_ms(entry.as_ref(), now_ms);
@@ -575,6 +646,8 @@ impl DataStore {
         let user_ids = user_ids_json(args.user_ids)?;
         let metadata = metadata_json(options_metadata(args.options, "DataStoreIncrementOptions")?)?;
         yield_once().await;
+        this.spend(&lua, Family::StandardWrite, "IncrementAsync", &key)
+            .await?;
         let (value, version) = this
             .context
             .run("IncrementAsync", &this.name, move |backend| async move {
@@ -605,6 +678,7 @@ impl DataStore {
 
     async fn list_keys(
         this: UserDataRef<Self>,
+        lua: Lua,
         (prefix, page_size, cursor, exclude_deleted): ListKeysArgs,
     ) -> mlua::Result<Pages<KeyQuery>> {
         let page_size = listing::page_size(page_size, listing::DEFAULT_KEY_PAGE_SIZE)?;
@@ -631,7 +705,7 @@ impl DataStore {
             store_name: this.name.clone(),
         };
         yield_once().await;
-        Pages::first(Rc::clone(&this.context), query, after).await
+        Pages::first(&lua, Rc::clone(&this.context), query, after).await
     }
 
     /// Validates a version argument: a Roblox-shaped version string. Returns its sequence.
@@ -657,6 +731,8 @@ impl DataStore {
         let key = this.entry_key(&lua, key)?;
         let (version, seq) = this.version_argument("GetVersionAsync", version)?;
         yield_once().await;
+        this.spend(&lua, Family::StandardRead, "GetVersionAsync", &key)
+            .await?;
         let found = this
             .context
             .run("GetVersionAsync", &this.name, move |backend| async move {
@@ -688,6 +764,8 @@ impl DataStore {
             .into());
         }
         yield_once().await;
+        this.spend(&lua, Family::StandardRead, "GetVersionAtTimeAsync", &key)
+            .await?;
         let found = this
             .context
             .run(
@@ -726,7 +804,7 @@ impl DataStore {
             store_name: this.name.clone(),
         };
         yield_once().await;
-        Pages::first(Rc::clone(&this.context), query, Default::default()).await
+        Pages::first(&lua, Rc::clone(&this.context), query, Default::default()).await
     }
 
     async fn remove_version(
@@ -737,6 +815,8 @@ impl DataStore {
         let key = this.entry_key(&lua, key)?;
         let (version, seq) = this.version_argument("RemoveVersionAsync", version)?;
         yield_once().await;
+        this.spend(&lua, Family::RemoveVersion, "RemoveVersionAsync", &key)
+            .await?;
         let remove_key = key.clone();
         this.context
             .run(
@@ -758,6 +838,8 @@ impl DataStore {
     async fn remove(this: UserDataRef<Self>, lua: Lua, key: Value) -> mlua::Result<MultiValue> {
         let key = this.entry_key(&lua, key)?;
         yield_once().await;
+        this.spend(&lua, Family::StandardRemove, "RemoveAsync", &key)
+            .await?;
         let remove_key = key.clone();
         let removed = this
             .context
@@ -812,28 +894,65 @@ fn live_value(entry: Option<Entry>) -> Result<Option<(Stored, KeyInfo)>, Operati
     }
 }
 
-/// An `Enum.SortDirection` argument (an item, its number or its name): true for Descending.
-fn sort_direction(value: Value) -> mlua::Result<bool> {
-    let number = match &value {
-        Value::Nil => return Ok(false),
+/// The value of an enum argument of `enum_name`, given as an item, its number or its name
+/// (`names` lists the enum's names by value).
+fn enum_value(value: &Value, enum_name: &'static str, names: &[&str]) -> mlua::Result<i64> {
+    let number = match value {
         Value::UserData(item) if item.type_name()?.as_bytes() == b"EnumItem".as_slice() => {
-            let is_direction: bool = item.call_method("IsA", "SortDirection")?;
-            if !is_direction {
-                return Err(cast_error(&value, "SortDirection").into());
+            let of_enum: bool = item.call_method("IsA", enum_name)?;
+            if !of_enum {
+                return Err(cast_error(value, enum_name).into());
             }
             item.get::<i64>("Value")?
         }
         Value::Integer(n) => *n,
-        Value::Number(n) => *n as i64,
-        Value::String(name) if name.as_bytes() == b"Ascending".as_slice() => 0,
-        Value::String(name) if name.as_bytes() == b"Descending".as_slice() => 1,
-        other => return Err(cast_error(other, "SortDirection").into()),
+        Value::Number(n) if n.fract() == 0.0 => *n as i64,
+        Value::String(name) => names
+            .iter()
+            .position(|candidate| name.as_bytes() == candidate.as_bytes())
+            .ok_or_else(|| cast_error(value, enum_name))? as i64,
+        Value::Nil => return Err(DataStoreError::ArgumentMissing(1).into()),
+        other => return Err(cast_error(other, enum_name).into()),
     };
-    match number {
-        0 => Ok(false),
-        1 => Ok(true),
-        _ => Err(cast_error(&value, "SortDirection").into()),
+    if (0..names.len() as i64).contains(&number) {
+        Ok(number)
+    } else {
+        Err(cast_error(value, enum_name).into())
     }
+}
+
+/// An `Enum.SortDirection` argument: true for Descending; nil means Ascending.
+fn sort_direction(value: Value) -> mlua::Result<bool> {
+    if value.is_nil() {
+        return Ok(false);
+    }
+    Ok(enum_value(&value, "SortDirection", &["Ascending", "Descending"])? == 1)
+}
+
+/// An `Enum.DataStoreRequestType` argument.
+fn request_type(value: Value) -> mlua::Result<RequestType> {
+    const NAMES: [&str; 17] = [
+        "GetAsync",
+        "SetIncrementAsync",
+        "UpdateAsync",
+        "GetSortedAsync",
+        "SetIncrementSortedAsync",
+        "OnUpdate",
+        "ListAsync",
+        "GetVersionAsync",
+        "RemoveVersionAsync",
+        "StandardRead",
+        "StandardWrite",
+        "StandardList",
+        "StandardRemove",
+        "OrderedRead",
+        "OrderedWrite",
+        "OrderedList",
+        "OrderedRemove",
+    ];
+    let number = enum_value(&value, "DataStoreRequestType", &NAMES)?;
+    RequestType::from_enum_value(number)
+        .ok_or_else(|| cast_error(&value, "DataStoreRequestType").into())
 }
 
 /// The sequence in a Roblox-shaped version string
@@ -1065,8 +1184,8 @@ impl UserData for DataStore {
         methods.add_async_method("RemoveAsync", |lua, this, key: Value| {
             DataStore::remove(this, lua, key)
         });
-        methods.add_async_method("ListKeysAsync", |_, this, args: ListKeysArgs| {
-            DataStore::list_keys(this, args)
+        methods.add_async_method("ListKeysAsync", |lua, this, args: ListKeysArgs| {
+            DataStore::list_keys(this, lua, args)
         });
         methods.add_async_method("GetVersionAsync", |lua, this, args: (Value, Value)| {
             DataStore::get_version(this, lua, args)

@@ -106,11 +106,24 @@ impl Engine {
             .lua
             .load(source)
             .set_name(format!("@{name}"))
+            .set_environment(self.script_environment()?)
             .into_function()
             .map_err(|error| EngineError::Syntax(blox_scheduler::error_message(&error)))?;
         let thread = self.lua.create_thread(chunk)?;
         self.scheduler.spawn(thread.clone(), MultiValue::new())?;
         Ok(thread)
+    }
+
+    /// A fresh global environment for one script, as Roblox gives each script its own: reads
+    /// fall through to the shared, read-only globals; assignments stay in the script.
+    fn script_environment(&self) -> mlua::Result<mlua::Table> {
+        let environment = self.lua.create_table()?;
+        let fall_through = self.lua.create_table()?;
+        fall_through.raw_set("__index", self.lua.globals())?;
+        environment.set_metatable(Some(fall_through))?;
+        // Built-in libraries stay read-only underneath, so Luau's fast paths for them hold.
+        environment.set_safeenv(true);
+        Ok(environment)
     }
 
     /// Runs threads, timers and frames until no thread is left running or waiting.

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use blox_datastore::backend::{self, Backend, BackendError, OpenOptions};
+use blox_datastore::budget::Throttling;
 use blox_datastore::{DataStoreContext, operations};
 use blox_engine::{CLOSE_DEADLINE, Engine, EngineError, ServerIdentity};
 use blox_scheduler::{RealClock, ThreadError};
@@ -44,6 +45,7 @@ pub struct ScriptOutcome {
 pub struct Host {
     database: tokio::runtime::Runtime,
     backend: Arc<dyn Backend>,
+    throttling: Throttling,
 }
 
 impl std::fmt::Debug for Host {
@@ -65,7 +67,17 @@ impl Host {
             .build()?;
         let backend = database.block_on(backend::open(url, options))?;
         database.spawn(operations::purge_periodically(Arc::clone(&backend)));
-        Ok(Self { database, backend })
+        Ok(Self {
+            database,
+            backend,
+            throttling: Throttling::default(),
+        })
+    }
+
+    /// Sets the DataStore request budgets of the servers this host runs (Roblox's by default).
+    pub fn with_throttling(mut self, throttling: Throttling) -> Self {
+        self.throttling = throttling;
+        self
     }
 
     /// The storage backend.
@@ -95,6 +107,7 @@ impl Host {
                 Arc::clone(&self.backend),
                 self.database.handle().clone(),
                 identity.game_id,
+                self.throttling,
             );
             let engine = Engine::new(identity, context, Rc::new(RealClock::new()))?;
             let main = engine.start_script(name, source)?;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use blox::{DEFAULT_DATABASE_URL, Host};
 use blox_datastore::backend::{OpenOptions, SqliteSync};
+use blox_datastore::budget::Throttling;
 use blox_engine::ServerIdentity;
 use clap::{Args, Parser, Subcommand};
 
@@ -48,6 +49,9 @@ struct ServerArgs {
     /// Keep every superseded DataStore version for 30 days, not only Roblox's hourly backups.
     #[arg(long, env = "BLOX_KEEP_ALL_VERSIONS")]
     keep_all_versions: bool,
+    /// DataStore request budgets: `1` is Roblox's, a factor scales them, `off` removes them.
+    #[arg(long, env = "BLOX_REQUEST_BUDGETS", default_value = "1")]
+    request_budgets: Throttling,
 }
 
 fn main() -> ExitCode {
@@ -91,7 +95,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         keep_all_versions: server.keep_all_versions,
         ..OpenOptions::default()
     };
-    let host = Host::open(&server.database_url, &options)?;
+    let host = Host::open(&server.database_url, &options)?.with_throttling(server.request_budgets);
     let identity = ServerIdentity {
         place_id: server.place_id,
         game_id: server.game_id,

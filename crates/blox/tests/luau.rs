@@ -1,12 +1,17 @@
 //! Luau behaviour tests: every `tests/luau/*.luau` script runs through the real runtime against
 //! a real SQLite file and a real PostgreSQL schema. A script passes when its main chunk and
-//! every thread it started finish without error within the time limit. A script whose first
-//! line is `-- blox-test: keep-all-versions` runs on a server that keeps every version.
+//! every thread it started finish without error within the time limit.
+//!
+//! Scripts run without request budgets (as a self-hoster's server with `--request-budgets
+//! off`), so their timing does not depend on Roblox's throttling; a script opts into server
+//! settings with leading `-- blox-test: ...` lines: `roblox-budgets` for Roblox's budgets and
+//! queues, `keep-all-versions` to keep every version.
 
 use std::time::Duration;
 
 use blox::Host;
 use blox_datastore::backend::OpenOptions;
+use blox_datastore::budget::Throttling;
 use blox_engine::ServerIdentity;
 use blox_testkit::{Scratch, TestDatabase};
 
@@ -18,11 +23,19 @@ fn run_luau_test(name: &str, database: TestDatabase) {
         .join(format!("{name}.luau"));
     let source = std::fs::read(&path).expect("the script exists");
     let scratch = Scratch::new(database, name);
+    let directives = test_directives(&source);
     let options = OpenOptions {
-        keep_all_versions: source.starts_with(b"-- blox-test: keep-all-versions"),
+        keep_all_versions: directives.contains(&"keep-all-versions"),
         ..OpenOptions::default()
     };
-    let host = Host::open(&scratch.url, &options).expect("database opens");
+    let throttling = if directives.contains(&"roblox-budgets") {
+        Throttling::default()
+    } else {
+        Throttling::Off
+    };
+    let host = Host::open(&scratch.url, &options)
+        .expect("database opens")
+        .with_throttling(throttling);
     let identity = ServerIdentity {
         place_id: 1001,
         game_id: 2002,
@@ -51,6 +64,16 @@ fn run_luau_test(name: &str, database: TestDatabase) {
         failures.join("\n\n")
     );
     host.shutdown(Duration::from_secs(5));
+}
+
+/// The settings named on the script's leading `-- blox-test: ...` lines.
+fn test_directives(source: &[u8]) -> Vec<&str> {
+    std::str::from_utf8(source)
+        .unwrap_or_default()
+        .lines()
+        .map_while(|line| line.strip_prefix("-- blox-test:"))
+        .flat_map(|names| names.split(',').map(str::trim))
+        .collect()
 }
 
 include!(concat!(env!("OUT_DIR"), "/luau_tests.rs"));
