@@ -12,7 +12,7 @@ use mlua::{
 };
 
 use crate::DataStoreError;
-use crate::backend::{EntryKey, SortedListing, Write};
+use crate::backend::{EntryKey, SortedListing, Write, stored_text};
 use crate::budget::Family;
 use crate::codec::Stored;
 use crate::listing::{Page, PageSource, Pages, Position, keep_page};
@@ -264,14 +264,11 @@ impl OrderedDataStore {
         if max_value < min_value {
             return Err(DataStoreError::MinMaxOrder.into());
         }
-        let key = this
-            .0
-            .entry_key(&lua, Value::String(lua.create_string("-")?))?;
         let query = SortedQuery {
             listing: SortedListing {
-                universe: key.universe,
-                store: key.store,
-                scope: key.scope,
+                universe: this.0.context.universe(),
+                store: stored_text(&this.0.name),
+                scope: stored_text(this.0.scope()),
                 descending: !ascending,
                 min_value,
                 max_value,

@@ -78,6 +78,11 @@ impl DataStoreContext {
         })
     }
 
+    /// The universe (game) whose data this server reads and writes.
+    pub fn universe(&self) -> i64 {
+        self.universe
+    }
+
     /// Sets the live player count that request budgets scale with.
     pub fn set_player_count(&self, players: u32) {
         self.budgets.set_players(players);
@@ -434,6 +439,11 @@ impl DataStore {
             .into());
         };
         Ok(self.context.update_signal(key).connect(callback))
+    }
+
+    /// The scope this object reads and writes (empty under AllScopes).
+    pub(crate) fn scope(&self) -> &str {
+        &self.scope
     }
 
     /// Spends one request of `family` on `key` from this server's budget.
