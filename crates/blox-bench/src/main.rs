@@ -7,6 +7,11 @@
 //! codec, validation, the scheduler, the hop between runtimes). While the Luau load runs, a
 //! Luau thread measures how late `task.wait()` resumes, the timer lag scripts would feel.
 //! GetAsync runs with `UseCache = false`: the point is the database path, not cache hits.
+//!
+//! Two more measurements on request: `--listing-sizes` pages through stores of those sizes
+//! (ListKeysAsync, ListVersionsAsync, GetSortedAsync), to show a page costs the same deep in
+//! a large store as in a small one; `--layers` measures what the request budgets and the read
+//! cache add to a GetAsync that reaches the database.
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -53,10 +58,14 @@ struct Args {
     /// Seconds per measurement.
     #[arg(long, default_value_t = 2.0)]
     seconds: f64,
-    /// Store sizes for the listing benchmark (ListKeysAsync pages deep in large stores),
-    /// e.g. `10000,1000000`; none by default.
+    /// Store sizes for the listing benchmark (ListKeysAsync, ListVersionsAsync and
+    /// GetSortedAsync pages deep in large stores), e.g. `10000,1000000`; none by default.
     #[arg(long, value_delimiter = ',')]
     listing_sizes: Vec<usize>,
+    /// Measure the cost of the request-budget and read-cache layers on GetAsync at these
+    /// concurrencies (e.g. `64`), instead of the Luau/sqlx table.
+    #[arg(long, value_delimiter = ',')]
+    layers: Vec<usize>,
     /// Alternating Luau and sqlx measurements per cell; the table reports the medians, so
     /// drift on a shared machine hits both sides alike.
     #[arg(long, default_value_t = 3)]
@@ -86,6 +95,7 @@ impl Op {
 }
 
 /// Throughput and latency of one measurement.
+#[derive(Debug, Clone, Default)]
 struct Stats {
     rate: f64,
     p50_ms: f64,
@@ -128,23 +138,68 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(seed(&host))?;
     let raw = runtime.block_on(RawPools::open(&args.database_url, args.postgres_pool_size))?;
 
+    if !args.listing_sizes.is_empty() {
+        for &size in &args.listing_sizes {
+            runtime.block_on(raw.seed_listing(size))?;
+        }
+        // Rounds alternate between the sizes, so drift on a shared machine hits all alike.
+        let mut runs = vec![Vec::new(); Listing::ALL.len() * args.listing_sizes.len()];
+        for _ in 0..args.rounds.max(1) {
+            for (s, &size) in args.listing_sizes.iter().enumerate() {
+                for (l, &listing) in Listing::ALL.iter().enumerate() {
+                    let stats = run_listing(&host, listing, size, args.seconds)?;
+                    runs[l * args.listing_sizes.len() + s].push(stats);
+                }
+            }
+        }
+        println!(
+            "| listing | store keys | first + next page /s | p50 ms | p99 ms | time vs smallest |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|");
+        let mut runs = runs.into_iter();
+        for listing in Listing::ALL {
+            let mut smallest = None;
+            for &size in &args.listing_sizes {
+                let stats = median_by_rate(runs.next().unwrap_or_default(), |stats| stats.rate);
+                let base = *smallest.get_or_insert(stats.rate);
+                println!(
+                    "| {} | {size} | {:.0} | {:.2} | {:.2} | {:.2} |",
+                    listing.method(),
+                    stats.rate,
+                    stats.p50_ms,
+                    stats.p99_ms,
+                    base / stats.rate
+                );
+            }
+        }
+        return Ok(());
+    }
+    if !args.layers.is_empty() {
+        runtime.block_on(raw.seed_layers())?;
+        println!("| coroutines | bare GetAsync/s | with budgets + cache /s | ratio |");
+        println!("|---:|---:|---:|---:|");
+        for &concurrency in &args.layers {
+            let mut bare = Vec::new();
+            let mut layered = Vec::new();
+            for _ in 0..args.rounds.max(1) {
+                bare.push(run_layers(&host, false, concurrency, args.seconds)?);
+                layered.push(run_layers(&host, true, concurrency, args.seconds)?);
+            }
+            let bare = median_by_rate(bare, |stats| stats.rate);
+            let layered = median_by_rate(layered, |stats| stats.rate);
+            println!(
+                "| {concurrency} | {:.0} | {:.0} | {:.3} |",
+                bare.rate,
+                layered.rate,
+                layered.rate / bare.rate
+            );
+        }
+        return Ok(());
+    }
     println!(
         "| op | coroutines | Luau ops/s | Luau p50 ms | Luau p99 ms | sqlx ops/s | sqlx p50 ms | sqlx p99 ms | Luau/sqlx | timer lag p99 ms | timer lag max ms |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    if !args.listing_sizes.is_empty() {
-        println!("| store keys | ListKeysAsync + next page /s | p50 ms | p99 ms |");
-        println!("|---:|---:|---:|---:|");
-        for &size in &args.listing_sizes {
-            runtime.block_on(raw.seed_listing(size))?;
-            let stats = run_listing(&host, size, args.seconds)?;
-            println!(
-                "| {size} | {:.0} | {:.2} | {:.2} |",
-                stats.rate, stats.p50_ms, stats.p99_ms
-            );
-        }
-        println!();
-    }
     for &op in &args.ops {
         for &concurrency in &args.concurrency {
             let mut luau_runs = Vec::new();
@@ -223,7 +278,15 @@ fn run_luau(
         local fromDatabase = Instance.new("DataStoreGetOptions")
         fromDatabase.UseCache = false
     "#;
-    measure_luau(host, STORE, concurrency, seconds, setup, op.luau_call())
+    measure_luau(
+        host,
+        Throttling::Off,
+        STORE,
+        concurrency,
+        seconds,
+        setup,
+        op.luau_call(),
+    )
 }
 
 /// Runs `call` in a loop from `concurrency` Luau coroutines on the data store `store` for
@@ -232,6 +295,7 @@ fn run_luau(
 /// loops on `task.wait()` and records how much later than one frame each wait resumed.
 fn measure_luau(
     host: &Host,
+    throttling: Throttling,
     store: &str,
     concurrency: usize,
     seconds: f64,
@@ -240,7 +304,8 @@ fn measure_luau(
 ) -> anyhow::Result<(Stats, f64, f64)> {
     let script = format!(
         r#"
-        local store = game:GetService("DataStoreService"):GetDataStore("{store}")
+        local DataStoreService = game:GetService("DataStoreService")
+        local store = DataStoreService:GetDataStore("{store}")
         {setup}
         local latencies, gaps = {{}}, {{}}
         local running = {concurrency}
@@ -268,13 +333,14 @@ fn measure_luau(
         shared.gaps = gaps
         "#
     );
-    let (elapsed, latencies, gaps) = run_script(host, "bench.server.luau", &script, |shared| {
-        Ok((
-            shared.get::<f64>("elapsed")?,
-            shared.get::<Vec<f64>>("latencies")?,
-            shared.get::<Vec<f64>>("gaps")?,
-        ))
-    })?;
+    let (elapsed, latencies, gaps) =
+        run_script(host, throttling, "bench.server.luau", &script, |shared| {
+            Ok((
+                shared.get::<f64>("elapsed")?,
+                shared.get::<Vec<f64>>("latencies")?,
+                shared.get::<Vec<f64>>("gaps")?,
+            ))
+        })?;
     let mut lags: Vec<f64> = gaps
         .into_iter()
         .map(|gap| (gap - FRAME.as_secs_f64()).max(0.0) * 1000.0)
@@ -292,6 +358,7 @@ fn measure_luau(
 /// reads its results from the `shared` table.
 fn run_script<T>(
     host: &Host,
+    throttling: Throttling,
     name: &str,
     script: &str,
     read: impl FnOnce(&mlua::Table) -> mlua::Result<T>,
@@ -304,7 +371,7 @@ fn run_script<T>(
             Arc::clone(host.backend()),
             host.database_runtime().handle().clone(),
             UNIVERSE,
-            Throttling::Off,
+            throttling,
         );
         let identity = ServerIdentity {
             place_id: 1,
@@ -326,20 +393,110 @@ fn run_script<T>(
     })
 }
 
-/// Lists pages from random places of a store of `size` keys, from 8 coroutines: each
-/// operation is a ListKeysAsync page of 50 (a prefix seek) plus the next page (a cursor seek).
-fn run_listing(host: &Host, size: usize, seconds: f64) -> anyhow::Result<Stats> {
-    let call = format!(
-        r#"
-        local prefix = string.sub(string.format("k%07d", math.random(0, {size} - 100)), 1, 6)
-        local pages = store:ListKeysAsync(prefix, 50)
-        assert(#pages:GetCurrentPage() == 50)
-        pages:AdvanceToNextPageAsync()
-        "#
-    );
-    let (stats, _, _) = measure_luau(host, &format!("Listing{size}"), 8, seconds, "", &call)?;
+/// A listing measured deep in large stores.
+#[derive(Debug, Clone, Copy)]
+enum Listing {
+    Keys,
+    Versions,
+    Sorted,
+}
+
+impl Listing {
+    /// The method measured.
+    fn method(self) -> &'static str {
+        match self {
+            Self::Keys => "ListKeysAsync",
+            Self::Versions => "ListVersionsAsync",
+            Self::Sorted => "GetSortedAsync",
+        }
+    }
+
+    const ALL: [Self; 3] = [Self::Keys, Self::Versions, Self::Sorted];
+}
+
+/// Lists pages from random places of stores of `size` keys, from 8 coroutines. Each
+/// operation is a first page (an index seek) plus the next page (a seek by cursor): 50 keys
+/// from a random prefix; the 3 versions of a random key, 2 a page; 50 leaderboard entries
+/// below a random value.
+fn run_listing(host: &Host, listing: Listing, size: usize, seconds: f64) -> anyhow::Result<Stats> {
+    let (store, call) = match listing {
+        Listing::Keys => (
+            format!("Listing{size}"),
+            format!(
+                r#"
+                local prefix = string.sub(string.format("k%07d", math.random(0, {size} - 100)), 1, 6)
+                local pages = store:ListKeysAsync(prefix, 50)
+                assert(#pages:GetCurrentPage() == 50)
+                pages:AdvanceToNextPageAsync()
+                "#
+            ),
+        ),
+        Listing::Versions => (
+            format!("History{size}"),
+            format!(
+                r#"
+                local pages = store:ListVersionsAsync(string.format("k%07d", math.random(0, {size} - 1)), nil, 0, 0, 2)
+                assert(#pages:GetCurrentPage() == 2)
+                pages:AdvanceToNextPageAsync()
+                assert(#pages:GetCurrentPage() == 1)
+                "#
+            ),
+        ),
+        Listing::Sorted => (
+            format!("Listing{size}"),
+            format!(
+                r#"
+                local pages = board:GetSortedAsync(false, 50, nil, math.random(100, {size} - 1))
+                assert(#pages:GetCurrentPage() == 50)
+                pages:AdvanceToNextPageAsync()
+                "#
+            ),
+        ),
+    };
+    let setup = format!(r#"local board = DataStoreService:GetOrderedDataStore("Board{size}")"#);
+    let (stats, _, _) = measure_luau(host, Throttling::Off, &store, 8, seconds, &setup, &call)?;
     Ok(stats)
 }
+
+/// GetAsync from `concurrency` coroutines on keys no coroutine reads twice in a run, so every
+/// call reaches the database: bare (no budgets, cache bypassed) or through both layers
+/// (budgets too large to ever wait, cache looked up and filled).
+fn run_layers(
+    host: &Host,
+    layered: bool,
+    concurrency: usize,
+    seconds: f64,
+) -> anyhow::Result<Stats> {
+    let (throttling, options) = if layered {
+        (Throttling::Scaled(1e9), "nil")
+    } else {
+        (Throttling::Off, "fromDatabase")
+    };
+    let setup = r#"
+        local fromDatabase = Instance.new("DataStoreGetOptions")
+        fromDatabase.UseCache = false
+        local reads = 0
+    "#;
+    let call = format!(
+        r#"
+        reads += 1
+        store:GetAsync(string.format("k%07d", reads % {LAYER_KEYS}), {options})
+        "#
+    );
+    let (stats, _, _) = measure_luau(
+        host,
+        throttling,
+        "Listing100000",
+        concurrency,
+        seconds,
+        setup,
+        &call,
+    )?;
+    Ok(stats)
+}
+
+/// Keys of the store the layers benchmark reads: more than a run reads, so none repeats.
+const LAYER_KEYS: usize = 100_000;
 
 /// Pools configured as Blox's backends configure theirs, used directly with sqlx.
 enum RawPools {
@@ -377,13 +534,27 @@ impl RawPools {
         }
     }
 
-    /// Makes sure the store `Listing{size}` holds keys k0000000.. k{size-1}, inserting them
-    /// in large batches (skipped when they are already there).
+    /// Makes sure the stores of the listing benchmark hold `size` keys k0000000..: `Listing`
+    /// (one version each), `History` (three versions each, two of them retained) and the
+    /// ordered `Board` (distinct values). Rows go in in large batches and are skipped when
+    /// they are already there.
     async fn seed_listing(&self, size: usize) -> anyhow::Result<()> {
-        let store = format!("Listing{size}");
         match self {
-            RawPools::Sqlite { writer, .. } => seed_rows(writer, &store, size).await,
-            RawPools::Postgres(pool) => seed_rows(pool, &store, size).await,
+            RawPools::Sqlite { writer, .. } => seed_listing_stores(writer, size).await,
+            RawPools::Postgres(pool) => seed_listing_stores(pool, size).await,
+        }
+    }
+
+    /// Makes sure the store the layers benchmark reads holds its keys.
+    async fn seed_layers(&self) -> anyhow::Result<()> {
+        let seed = Seed::Entries {
+            store: "Listing100000".to_owned(),
+            kind: StoreKind::Standard,
+            seq: 1,
+        };
+        match self {
+            RawPools::Sqlite { writer, .. } => seed_rows(writer, &seed, LAYER_KEYS).await,
+            RawPools::Postgres(pool) => seed_rows(pool, &seed, LAYER_KEYS).await,
         }
     }
 
@@ -492,11 +663,59 @@ where
     Ok(Stats::from(all, started.elapsed().as_secs_f64()))
 }
 
-async fn seed_rows<DB>(pool: &Pool<DB>, store: &str, size: usize) -> anyhow::Result<()>
+/// Rows the benchmark seeds with raw SQL.
+enum Seed {
+    /// Latest versions in `blox_entries`, at sequence `seq`; ordered stores get the value
+    /// `(i × 7919) mod size`, distinct for every key.
+    Entries {
+        store: String,
+        kind: StoreKind,
+        seq: i64,
+    },
+    /// Retained versions 1 and 2 of every key in `blox_versions`.
+    Versions { store: String },
+}
+
+async fn seed_listing_stores<DB>(pool: &Pool<DB>, size: usize) -> anyhow::Result<()>
 where
     DB: Database,
     for<'c> &'c Pool<DB>: sqlx::Executor<'c, Database = DB>,
-    for<'c> &'c mut <DB as Database>::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> <DB as Database>::Arguments: sqlx::IntoArguments<DB>,
+    i64: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    i16: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    bool: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    String: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+{
+    let seeds = [
+        Seed::Entries {
+            store: format!("Listing{size}"),
+            kind: StoreKind::Standard,
+            seq: 1,
+        },
+        Seed::Entries {
+            store: format!("History{size}"),
+            kind: StoreKind::Standard,
+            seq: 3,
+        },
+        Seed::Versions {
+            store: format!("History{size}"),
+        },
+        Seed::Entries {
+            store: format!("Board{size}"),
+            kind: StoreKind::Ordered,
+            seq: 1,
+        },
+    ];
+    for seed in &seeds {
+        seed_rows(pool, seed, size).await?;
+    }
+    Ok(())
+}
+
+async fn seed_rows<DB>(pool: &Pool<DB>, seed: &Seed, size: usize) -> anyhow::Result<()>
+where
+    DB: Database,
+    for<'c> &'c Pool<DB>: sqlx::Executor<'c, Database = DB>,
     for<'q> <DB as Database>::Arguments: sqlx::IntoArguments<DB>,
     i64: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
     i16: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
@@ -505,24 +724,59 @@ where
 {
     const BATCH: usize = 1000;
     for start in (0..size).step_by(BATCH) {
-        let mut insert = sqlx::QueryBuilder::<DB>::new(
-            "INSERT INTO blox_entries (universe_id, store_kind, store_name, scope, entry_key, \
-             value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted) ",
-        );
-        insert.push_values(start..(start + BATCH).min(size), |mut row, i| {
-            row.push_bind(UNIVERSE)
-                .push_bind(StoreKind::Standard as i16)
-                .push_bind(store.to_owned())
-                .push_bind("global".to_owned())
-                .push_bind(format!("k{i:07}"))
-                .push_bind("1".to_owned())
-                .push_bind("[]".to_owned())
-                .push_bind("{}".to_owned())
-                .push_bind(1_i64)
-                .push_bind(0_i64)
-                .push_bind(0_i64)
-                .push_bind(false);
-        });
+        let rows = start..(start + BATCH).min(size);
+        let mut insert = match seed {
+            Seed::Entries { store, kind, seq } => {
+                let mut insert = sqlx::QueryBuilder::<DB>::new(
+                    "INSERT INTO blox_entries (universe_id, store_kind, store_name, scope, \
+                     entry_key, value, user_ids, metadata, version_seq, created_ms, updated_ms, \
+                     deleted) ",
+                );
+                insert.push_values(rows, |mut row, i| {
+                    let value = match kind {
+                        StoreKind::Ordered => (i * 7919 % size).to_string(),
+                        StoreKind::Standard => "1".to_owned(),
+                    };
+                    row.push_bind(UNIVERSE)
+                        .push_bind(*kind as i16)
+                        .push_bind(store.clone())
+                        .push_bind("global".to_owned())
+                        .push_bind(format!("k{i:07}"))
+                        .push_bind(value)
+                        .push_bind("[]".to_owned())
+                        .push_bind("{}".to_owned())
+                        .push_bind(*seq)
+                        .push_bind(0_i64)
+                        .push_bind(*seq)
+                        .push_bind(false);
+                });
+                insert
+            }
+            Seed::Versions { store } => {
+                let mut insert = sqlx::QueryBuilder::<DB>::new(
+                    "INSERT INTO blox_versions (universe_id, store_kind, store_name, scope, \
+                     entry_key, version_seq, value, user_ids, metadata, created_ms, updated_ms, \
+                     deleted, expires_ms) ",
+                );
+                let versions = rows.flat_map(|i| [(i, 1_i64), (i, 2_i64)]);
+                insert.push_values(versions, |mut row, (i, seq)| {
+                    row.push_bind(UNIVERSE)
+                        .push_bind(StoreKind::Standard as i16)
+                        .push_bind(store.clone())
+                        .push_bind("global".to_owned())
+                        .push_bind(format!("k{i:07}"))
+                        .push_bind(seq)
+                        .push_bind("1".to_owned())
+                        .push_bind("[]".to_owned())
+                        .push_bind("{}".to_owned())
+                        .push_bind(0_i64)
+                        .push_bind(seq)
+                        .push_bind(false)
+                        .push_bind(i64::MAX);
+                });
+                insert
+            }
+        };
         insert.push(" ON CONFLICT DO NOTHING");
         insert.build().execute(pool).await?;
     }
