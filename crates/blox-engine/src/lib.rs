@@ -7,6 +7,7 @@
 
 mod datetime;
 mod enums;
+pub mod instance;
 mod services;
 
 use std::hash::{BuildHasher, Hasher};
@@ -20,7 +21,9 @@ use mlua::{
     AnyUserData, Function, Lua, LuaOptions, MultiValue, ObjectLike as _, StdLib, Thread, Value,
 };
 
-pub use services::ServerIdentity;
+pub use instance::{Instance, Tree};
+pub use rbx_dom_weak::types::Ref;
+pub use services::{GameState, ServerIdentity};
 
 /// How long a thread may run without yielding before it is stopped with Roblox's "Script
 /// timeout" error (Roblox's default).
@@ -50,7 +53,6 @@ impl From<mlua::Error> for EngineError {
 pub struct Engine {
     lua: Lua,
     scheduler: Rc<Scheduler>,
-    game: AnyUserData,
 }
 
 impl std::fmt::Debug for Engine {
@@ -71,8 +73,12 @@ impl Engine {
         let lua = Lua::new_with(StdLib::ALL_SAFE, LuaOptions::default())?;
         let scheduler = Scheduler::attach(&lua, clock)?;
         scheduler.limit_execution_time(&lua, SCRIPT_TIMEOUT);
-        let game = lua.create_userdata(services::DataModel::new(identity, datastore))?;
-        services::drive_frames(&game, &scheduler);
+        let tree = Tree::install(&lua, services::TREE_SERVICES);
+        let state = GameState::new(identity, datastore);
+        lua.set_app_data(Rc::clone(&state));
+        lua.set_app_data(instance::Members(Rc::new(services::class_members)));
+        let game = tree.handle(&lua, tree.game())?;
+        services::drive_frames(&state, &scheduler);
         install_globals(&lua, &game)?;
         lua.sandbox(true)?;
         // The sandbox freezes every table in the globals. Roblox's `shared` and `_G` are
@@ -82,11 +88,7 @@ impl Engine {
         globals.set("shared", lua.create_table()?)?;
         globals.set("_G", lua.create_table()?)?;
         globals.set_readonly(true);
-        Ok(Self {
-            lua,
-            scheduler,
-            game,
-        })
+        Ok(Self { lua, scheduler })
     }
 
     /// The VM, for embedding and tests.
@@ -126,6 +128,36 @@ impl Engine {
         Ok(environment)
     }
 
+    /// Adds a player (as a client joining): a Player under Players, then `PlayerAdded`.
+    pub fn add_player(&self, user_id: i64, name: &str) -> Result<Ref, EngineError> {
+        Ok(services::add_player(&self.lua, user_id, name, name)?)
+    }
+
+    /// Removes a player (as a client leaving): `PlayerRemoving`, then out of Players.
+    pub fn remove_player(&self, user_id: i64) -> Result<(), EngineError> {
+        if let Some(player) = self.player(user_id) {
+            services::remove_player(&self.lua, player)?;
+        }
+        Ok(())
+    }
+
+    /// The Player of `user_id`, if that user is in the game.
+    pub fn player(&self, user_id: i64) -> Option<Ref> {
+        let tree = Tree::of(&self.lua);
+        let players = tree.find_child(tree.game(), "Players")?;
+        tree.children(players).into_iter().find(|child| {
+            tree.property(*child, "UserId") == Some(rbx_dom_weak::types::Variant::Int64(user_id))
+        })
+    }
+
+    /// Every player in the game.
+    pub fn players(&self) -> Vec<Ref> {
+        let tree = Tree::of(&self.lua);
+        tree.find_child(tree.game(), "Players")
+            .map(|players| tree.children(players))
+            .unwrap_or_default()
+    }
+
     /// Runs threads, timers and frames until no thread is left running or waiting.
     pub async fn run_until_idle(&self) {
         self.scheduler.run_until_idle(&self.lua).await;
@@ -134,7 +166,7 @@ impl Engine {
     /// Runs every `game:BindToClose` callback concurrently and waits for them, at most
     /// `deadline`.
     pub async fn close(&self, deadline: Duration) -> Result<(), EngineError> {
-        let callbacks = self.game.borrow::<services::DataModel>()?.close_callbacks();
+        let callbacks = GameState::of(&self.lua).close_callbacks();
         for callback in callbacks {
             let thread = self.lua.create_thread(callback)?;
             self.scheduler.spawn(thread, MultiValue::new())?;
@@ -228,7 +260,10 @@ fn install_globals(lua: &Lua, game: &AnyUserData) -> mlua::Result<()> {
     let instance = lua.create_table()?;
     instance.set(
         "new",
-        lua.create_function(|lua, (class, _parent): (String, Value)| {
+        lua.create_function(|lua, (class, parent): (String, Value)| {
+            if let Some(instance) = instance::new_instance(lua, &class, parent)? {
+                return Ok(instance);
+            }
             blox_datastore::create_instance(lua, &class)?.ok_or_else(|| {
                 mlua::Error::RuntimeError(format!(
                     "Unable to create an Instance of type \"{class}\""

@@ -1,9 +1,12 @@
 //! `game` (the DataModel) and its services.
 //!
-//! Each object is host userdata whose `typeof` is "Instance", with Roblox's `Name`,
-//! `ClassName`, `IsA` and error for unknown members. `GetService` creates a service on first
-//! use and returns the same object afterwards. Services that Blox does not implement in depth
-//! yet still exist as plain instances, because libraries fetch them at load time.
+//! `game` is the root of the instance tree ([`crate::instance`]); the services scripts parent
+//! things to (Workspace, Players, ServerScriptService, ReplicatedStorage, ...) are instances
+//! under it from the start, as on Roblox. Services with behaviour of their own that no script
+//! parents anything to (DataStoreService, RunService, HttpService, ...) are host objects that
+//! `GetService` creates on first use and returns afterwards; those Blox does not implement in
+//! depth yet still exist as plain objects, because libraries fetch them at load time. The
+//! members `game`, Players and Player add to the tree's generic ones are served here.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -13,22 +16,22 @@ use std::time::Duration;
 use blox_datastore::{DataStoreContext, DataStoreService};
 use blox_scheduler::{Scheduler, Signal};
 use mlua::{
-    AnyUserData, Function, IntoLuaMulti, Lua, MetaMethod, UserData, UserDataFields,
+    AnyUserData, Function, IntoLuaMulti, Lua, MetaMethod, MultiValue, UserData, UserDataFields,
     UserDataMethods, Value,
 };
+use rbx_dom_weak::types::{Ref, Variant};
 
-/// Every service `GetService` knows. Names outside this list raise Roblox's error.
-const SERVICES: &[&str] = &[
-    "DataStoreService",
-    "RunService",
-    "Players",
-    "HttpService",
+use crate::instance::Tree;
+
+/// Services that are instances in the tree, present from the start as on Roblox.
+pub const TREE_SERVICES: &[&str] = &[
     "Workspace",
+    "Players",
+    "Lighting",
+    "ReplicatedFirst",
+    "ReplicatedStorage",
     "ServerScriptService",
     "ServerStorage",
-    "ReplicatedStorage",
-    "ReplicatedFirst",
-    "Lighting",
     "StarterGui",
     "StarterPack",
     "StarterPlayer",
@@ -36,6 +39,13 @@ const SERVICES: &[&str] = &[
     "SoundService",
     "Chat",
     "TestService",
+];
+
+/// Services implemented as host objects of their own, created on first use.
+const HOST_SERVICES: &[&str] = &[
+    "DataStoreService",
+    "RunService",
+    "HttpService",
     "MessagingService",
     "MemoryStoreService",
     "MarketplaceService",
@@ -66,23 +76,34 @@ pub struct ServerIdentity {
     pub job_id: String,
 }
 
-/// `game`.
-pub struct DataModel {
+/// What `game` and its services hold beyond the instance tree.
+pub struct GameState {
     identity: ServerIdentity,
     datastore: Rc<DataStoreContext>,
-    services: RefCell<HashMap<&'static str, AnyUserData>>,
+    host_services: RefCell<HashMap<&'static str, AnyUserData>>,
     close_callbacks: RefCell<Vec<Function>>,
+    player_added: Signal,
+    player_removing: Signal,
 }
 
-impl DataModel {
-    /// The DataModel of a server with `identity`, storing data through `datastore`.
-    pub fn new(identity: ServerIdentity, datastore: Rc<DataStoreContext>) -> Self {
-        Self {
+impl GameState {
+    /// The state of a server with `identity`, storing data through `datastore`.
+    pub fn new(identity: ServerIdentity, datastore: Rc<DataStoreContext>) -> Rc<Self> {
+        Rc::new(Self {
             identity,
             datastore,
-            services: RefCell::default(),
+            host_services: RefCell::default(),
             close_callbacks: RefCell::default(),
-        }
+            player_added: Signal::default(),
+            player_removing: Signal::default(),
+        })
+    }
+
+    /// The state installed in `lua`'s VM.
+    pub fn of(lua: &Lua) -> Rc<GameState> {
+        lua.app_data_ref::<Rc<GameState>>()
+            .map(|state| Rc::clone(&state))
+            .expect("the engine installs a GameState in every VM")
     }
 
     /// The callbacks registered with `game:BindToClose`, in registration order.
@@ -90,24 +111,44 @@ impl DataModel {
         self.close_callbacks.borrow().clone()
     }
 
-    fn service(&self, lua: &Lua, name: &str) -> mlua::Result<Option<AnyUserData>> {
-        let Some(&name) = SERVICES.iter().find(|known| **known == name) else {
+    /// `Players.PlayerAdded`.
+    pub fn player_added(&self) -> &Signal {
+        &self.player_added
+    }
+
+    /// `Players.PlayerRemoving`.
+    pub fn player_removing(&self) -> &Signal {
+        &self.player_removing
+    }
+
+    /// A service by name: the tree's instance or a host object; `None` for unknown names.
+    pub fn service(&self, lua: &Lua, name: &str) -> mlua::Result<Option<Value>> {
+        let tree = Tree::of(lua);
+        if TREE_SERVICES.contains(&name) {
+            let found = tree.find_child(tree.game(), name);
+            return Ok(match found {
+                Some(service) => Some(tree.value(lua, service)?),
+                None => None,
+            });
+        }
+        let Some(&name) = HOST_SERVICES.iter().find(|known| **known == name) else {
             return Ok(None);
         };
-        if let Some(service) = self.services.borrow().get(name) {
-            return Ok(Some(service.clone()));
+        if let Some(service) = self.host_services.borrow().get(name) {
+            return Ok(Some(Value::UserData(service.clone())));
         }
         let service = match name {
             "DataStoreService" => {
                 lua.create_userdata(DataStoreService::new(Rc::clone(&self.datastore)))?
             }
             "RunService" => lua.create_userdata(RunService::default())?,
-            "Players" => lua.create_userdata(Players::default())?,
             "HttpService" => lua.create_userdata(HttpService)?,
             other => lua.create_userdata(PlainService(other))?,
         };
-        self.services.borrow_mut().insert(name, service.clone());
-        Ok(Some(service))
+        self.host_services
+            .borrow_mut()
+            .insert(name, service.clone());
+        Ok(Some(Value::UserData(service)))
     }
 }
 
@@ -118,43 +159,146 @@ fn invalid_member(member: &Value, class: &str, name: &str) -> mlua::Error {
     ))
 }
 
-impl UserData for DataModel {
-    fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
-        fields.add_meta_field(MetaMethod::Type, "Instance");
-        fields.add_field("Name", "Game");
-        fields.add_field("ClassName", "DataModel");
-        fields.add_field_method_get("PlaceId", |_, game| Ok(game.identity.place_id));
-        fields.add_field_method_get("GameId", |_, game| Ok(game.identity.game_id));
-        fields.add_field_method_get("JobId", |_, game| Ok(game.identity.job_id.clone()));
-        fields.add_field("CreatorId", 0);
-        fields.add_field("PlaceVersion", 0);
-    }
-
-    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        methods.add_method("GetService", |lua, game, name: String| {
-            game.service(lua, &name)?.ok_or_else(|| {
-                mlua::Error::RuntimeError(format!("'{name}' is not a valid Service name"))
-            })
-        });
-        methods.add_method("FindService", |lua, game, name: String| {
-            game.service(lua, &name)
-        });
-        methods.add_method("BindToClose", |_, game, callback: Function| {
-            game.close_callbacks.borrow_mut().push(callback);
-            Ok(())
-        });
-        methods.add_method("IsA", |_, _, class: String| {
-            Ok(class == "DataModel" || class == "ServiceProvider" || class == "Instance")
-        });
-        methods.add_meta_method(MetaMethod::ToString, |_, _, ()| Ok("Game"));
-        methods.add_meta_method(MetaMethod::Index, |lua, game, member: Value| {
-            let name = member.to_string().unwrap_or_default();
-            match game.service(lua, &name)? {
-                Some(service) => Ok(service),
-                None => Err(invalid_member(&member, "DataModel", "Game")),
+/// The members of `game`, Players and Player that the tree does not know itself.
+pub fn class_members(
+    lua: &Lua,
+    instance: Ref,
+    class: &str,
+    member: &str,
+) -> mlua::Result<Option<Value>> {
+    let state = GameState::of(lua);
+    let tree = Tree::of(lua);
+    let method = |name: &'static str,
+                  body: fn(&Lua, Ref, MultiValue) -> mlua::Result<MultiValue>|
+     -> mlua::Result<Option<Value>> {
+        Ok(Some(Value::Function(tree.method(lua, name, body)?)))
+    };
+    match (class, member) {
+        ("DataModel", "PlaceId") => Ok(Some(Value::Number(state.identity.place_id as f64))),
+        ("DataModel", "GameId") => Ok(Some(Value::Number(state.identity.game_id as f64))),
+        ("DataModel", "JobId") => Ok(Some(Value::String(
+            lua.create_string(&state.identity.job_id)?,
+        ))),
+        ("DataModel", "CreatorId" | "PlaceVersion") => Ok(Some(Value::Number(0.0))),
+        ("DataModel", "GetService") => method("GetService", |lua, _, args| {
+            let name = service_name(lua, args)?;
+            match GameState::of(lua).service(lua, &name)? {
+                Some(service) => service.into_lua_multi(lua),
+                None => Err(mlua::Error::RuntimeError(format!(
+                    "'{name}' is not a valid Service name"
+                ))),
             }
-        });
+        }),
+        ("DataModel", "FindService") => method("FindService", |lua, _, args| {
+            let name = service_name(lua, args)?;
+            GameState::of(lua).service(lua, &name)?.into_lua_multi(lua)
+        }),
+        ("DataModel", "BindToClose") => method("BindToClose", |lua, _, args| {
+            let Some(Value::Function(callback)) = args.into_iter().next() else {
+                return Err(mlua::Error::RuntimeError(
+                    "BindToClose expects a function".to_owned(),
+                ));
+            };
+            GameState::of(lua)
+                .close_callbacks
+                .borrow_mut()
+                .push(callback);
+            Ok(MultiValue::new())
+        }),
+        ("DataModel", name) if HOST_SERVICES.contains(&name) => state.service(lua, name),
+        ("Players", "PlayerAdded") => Ok(Some(Value::UserData(
+            lua.create_userdata(state.player_added.clone())?,
+        ))),
+        ("Players", "PlayerRemoving") => Ok(Some(Value::UserData(
+            lua.create_userdata(state.player_removing.clone())?,
+        ))),
+        ("Players", "MaxPlayers") => Ok(Some(Value::Number(50.0))),
+        ("Players", "LocalPlayer") => Ok(Some(Value::Nil)),
+        ("Players", "GetPlayers") => method("GetPlayers", |lua, players, _| {
+            let tree = Tree::of(lua);
+            let list = lua.create_table()?;
+            for child in tree.children(players) {
+                if tree.class(child) == "Player" {
+                    list.raw_push(tree.handle(lua, child)?)?;
+                }
+            }
+            list.into_lua_multi(lua)
+        }),
+        ("Players", "GetPlayerByUserId") => method("GetPlayerByUserId", |lua, players, args| {
+            let user_id: f64 = match args.into_iter().next() {
+                Some(Value::Integer(n)) => n as f64,
+                Some(Value::Number(n)) => n,
+                _ => return Value::Nil.into_lua_multi(lua),
+            };
+            let tree = Tree::of(lua);
+            let found = tree.children(players).into_iter().find(|child| {
+                tree.class(*child) == "Player"
+                    && matches!(tree.property(*child, "UserId"), Some(Variant::Int64(id)) if id as f64 == user_id)
+            });
+            tree.value(lua, found.unwrap_or_else(Ref::none))?
+                .into_lua_multi(lua)
+        }),
+        ("Player", "UserId") => Ok(Some(match tree.property(instance, "UserId") {
+            Some(Variant::Int64(id)) => Value::Number(id as f64),
+            _ => Value::Number(0.0),
+        })),
+        ("Player", "DisplayName") => Ok(Some(match tree.property(instance, "DisplayName") {
+            Some(Variant::String(name)) => Value::String(lua.create_string(name)?),
+            _ => Value::String(lua.create_string(tree.name(instance))?),
+        })),
+        ("Player", "Kick") => method("Kick", |lua, player, _| {
+            remove_player(lua, player)?;
+            Ok(MultiValue::new())
+        }),
+        _ => Ok(None),
     }
+}
+
+fn service_name(lua: &Lua, args: MultiValue) -> mlua::Result<String> {
+    match args.into_iter().next() {
+        Some(Value::String(name)) => Ok(name.to_str()?.to_owned()),
+        Some(other) => Ok(lua
+            .coerce_string(other)?
+            .map(|name| name.to_string_lossy())
+            .unwrap_or_default()),
+        None => Err(mlua::Error::RuntimeError(
+            "Argument 1 missing or nil".to_owned(),
+        )),
+    }
+}
+
+/// Adds a Player for `user_id` under Players and fires `PlayerAdded`.
+pub fn add_player(lua: &Lua, user_id: i64, name: &str, display_name: &str) -> mlua::Result<Ref> {
+    let tree = Tree::of(lua);
+    let players = tree
+        .find_child(tree.game(), "Players")
+        .expect("Players is created with the tree");
+    let player = tree.create("Player", name);
+    tree.set_property_quietly(player, "UserId", Variant::Int64(user_id));
+    tree.set_property_quietly(
+        player,
+        "DisplayName",
+        Variant::String(display_name.to_owned()),
+    );
+    tree.set_parent(lua, player, players)?;
+    let value = tree.handle(lua, player)?;
+    GameState::of(lua)
+        .player_added
+        .fire(lua, value.into_lua_multi(lua)?)?;
+    Ok(player)
+}
+
+/// Fires `PlayerRemoving` for `player`, then takes it out of Players.
+pub fn remove_player(lua: &Lua, player: Ref) -> mlua::Result<()> {
+    let tree = Tree::of(lua);
+    if tree.parent(player).is_none() {
+        return Ok(());
+    }
+    let value = tree.handle(lua, player)?;
+    GameState::of(lua)
+        .player_removing
+        .fire(lua, value.into_lua_multi(lua)?)?;
+    tree.set_parent(lua, player, Ref::none())
 }
 
 /// A service that exists for scripts to fetch but has no members of its own yet.
@@ -239,33 +383,6 @@ impl UserData for RunService {
     }
 }
 
-/// `Players`. A single-script run has no players; the events exist for scripts to connect.
-#[derive(Default)]
-pub struct Players {
-    player_added: Signal,
-    player_removing: Signal,
-}
-
-impl UserData for Players {
-    fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
-        fields.add_meta_field(MetaMethod::Type, "Instance");
-        fields.add_field("Name", "Players");
-        fields.add_field("ClassName", "Players");
-        fields.add_field("MaxPlayers", 50);
-        fields.add_field("LocalPlayer", Value::Nil);
-        fields.add_field_method_get("PlayerAdded", |_, players| Ok(players.player_added.clone()));
-        fields.add_field_method_get("PlayerRemoving", |_, players| {
-            Ok(players.player_removing.clone())
-        });
-    }
-
-    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        methods.add_method("GetPlayers", |lua, _, ()| lua.create_table());
-        methods.add_method("GetPlayerByUserId", |_, _, _: Value| Ok(Value::Nil));
-        add_service_methods(methods, |_| "Players");
-    }
-}
-
 /// `HttpService`. Outbound HTTP is off on Blox servers, as `HttpEnabled = false` says.
 struct HttpService;
 
@@ -292,12 +409,11 @@ impl UserData for HttpService {
 
 /// Fires RunService's frame events on every frame of `scheduler`, once a script has asked for
 /// RunService.
-pub fn drive_frames(game: &AnyUserData, scheduler: &Scheduler) {
-    let game = game.clone();
+pub fn drive_frames(state: &Rc<GameState>, scheduler: &Scheduler) {
+    let state = Rc::clone(state);
     let started = scheduler.now();
     scheduler.on_frame(move |lua, delta| {
-        let data_model = game.borrow::<DataModel>()?;
-        let run_service = data_model.services.borrow().get("RunService").cloned();
+        let run_service = state.host_services.borrow().get("RunService").cloned();
         if let Some(run_service) = run_service {
             let elapsed = Scheduler::of(lua).now().saturating_sub(started);
             run_service

@@ -61,6 +61,11 @@ impl Signal {
         !state.connections.is_empty() || !state.waiters.is_empty()
     }
 
+    /// Disconnects every handler (an Instance's signals, when it is destroyed).
+    pub fn disconnect_all(&self) {
+        self.0.borrow_mut().connections.clear();
+    }
+
     /// Connects `handler`, as `Connect` does from Luau.
     pub fn connect(&self, handler: Function) -> SignalConnection {
         self.connect_with(handler, false)

@@ -1,0 +1,126 @@
+//! Players joining and leaving a running engine: `PlayerAdded` with a Player instance that
+//! scripts can give leaderstats and attributes, `GetPlayers`, `GetPlayerByUserId`,
+//! `PlayerRemoving` before the player leaves the tree, and `Kick`.
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use blox_datastore::DataStoreContext;
+use blox_datastore::backend::{self, OpenOptions};
+use blox_datastore::budget::Throttling;
+use blox_engine::{Engine, ServerIdentity};
+use blox_scheduler::RealClock;
+
+fn with_engine(test: impl AsyncFnOnce(&Engine)) {
+    let folder = tempfile::tempdir().unwrap();
+    let database = tokio::runtime::Runtime::new().unwrap();
+    let url = format!(
+        "sqlite://{}",
+        folder.path().join("players.sqlite3").display()
+    );
+    let backend = database
+        .block_on(backend::open(&url, &OpenOptions::default()))
+        .unwrap();
+    let vm = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    vm.block_on(async {
+        let context = DataStoreContext::new(
+            Arc::clone(&backend),
+            database.handle().clone(),
+            7,
+            Throttling::Off,
+        );
+        let identity = ServerIdentity {
+            place_id: 1,
+            game_id: 7,
+            job_id: blox_engine::new_guid(),
+        };
+        let engine = Engine::new(identity, context, Rc::new(RealClock::new())).unwrap();
+        test(&engine).await;
+    });
+}
+
+fn shared<T: mlua::FromLua>(engine: &Engine, name: &str) -> T {
+    let shared: mlua::Table = engine.lua().globals().get("shared").unwrap();
+    shared.get(name).unwrap()
+}
+
+#[test]
+fn players_join_get_leaderstats_and_leave() {
+    with_engine(async |engine| {
+        engine
+            .start_script(
+                "players.server.luau",
+                br#"
+                local Players = game:GetService("Players")
+                shared.log = {}
+                Players.PlayerAdded:Connect(function(player)
+                    local leaderstats = Instance.new("Folder")
+                    leaderstats.Name = "leaderstats"
+                    local money = Instance.new("IntValue")
+                    money.Name = "Money"
+                    money.Value = 100
+                    money.Parent = leaderstats
+                    leaderstats.Parent = player
+                    player:SetAttribute("Joined", true)
+                    table.insert(shared.log, "added " .. player.Name .. " " .. player.UserId)
+                end)
+                Players.PlayerRemoving:Connect(function(player)
+                    table.insert(shared.log, "removing " .. player.Name .. " " .. player.leaderstats.Money.Value
+                        .. " " .. tostring(player.Parent == Players))
+                end)
+                "#,
+            )
+            .unwrap();
+        engine.run_until_idle().await;
+        engine.add_player(1001, "builderman").unwrap();
+        engine.add_player(1002, "guest").unwrap();
+        engine.run_until_idle().await;
+        engine
+            .start_script(
+                "check.server.luau",
+                br#"
+                local Players = game:GetService("Players")
+                assert(#Players:GetPlayers() == 2)
+                local player = Players:GetPlayerByUserId(1001)
+                assert(player and player:IsA("Player") and player.Name == "builderman")
+                assert(player.DisplayName == "builderman" and player.UserId == 1001)
+                assert(player:GetAttribute("Joined") == true)
+                assert(player.leaderstats.Money.Value == 100)
+                assert(player:GetFullName() == "Players.builderman")
+                assert(Players:GetPlayerByUserId(5) == nil)
+                player.leaderstats.Money.Value = 250
+                shared.checked = true
+                "#,
+            )
+            .unwrap();
+        engine.run_until_idle().await;
+        assert!(shared::<bool>(engine, "checked"));
+
+        engine.remove_player(1001).unwrap();
+        engine.run_until_idle().await;
+        assert_eq!(engine.players().len(), 1);
+        assert!(engine.player(1001).is_none());
+
+        engine
+            .start_script(
+                "kick.server.luau",
+                br#"game:GetService("Players"):GetPlayerByUserId(1002):Kick("bye")"#,
+            )
+            .unwrap();
+        engine.run_until_idle().await;
+        assert!(engine.players().is_empty());
+        let log: Vec<String> = shared(engine, "log");
+        assert_eq!(
+            log,
+            [
+                "added builderman 1001",
+                "added guest 1002",
+                "removing builderman 250 true",
+                "removing guest 100 true",
+            ]
+        );
+    });
+}
