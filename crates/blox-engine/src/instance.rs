@@ -174,6 +174,29 @@ impl Tree {
         self.game
     }
 
+    /// Copies a loaded place into the tree: the children of each service it holds go under
+    /// that service of `game`; anything else goes under `game` as it is.
+    pub fn mount(&self, place: &WeakDom) {
+        let mut dom = self.dom.borrow_mut();
+        for top in place.root().children() {
+            let Some(loaded) = place.get_by_ref(*top) else {
+                continue;
+            };
+            let service = dom.root().children().iter().copied().find(|child| {
+                dom.get_by_ref(*child)
+                    .is_some_and(|c| c.name == loaded.name && c.class == loaded.class)
+            });
+            let (parent, copied) = match service {
+                Some(service) => (service, loaded.children().to_vec()),
+                None => (self.game, vec![*top]),
+            };
+            for each in copied {
+                let copy = place.clone_into_external(each, &mut dom);
+                dom.transfer_within(copy, parent);
+            }
+        }
+    }
+
     /// The userdata that stands for `instance`, the same one every time.
     pub fn handle(&self, lua: &Lua, instance: Ref) -> mlua::Result<AnyUserData> {
         if let Some(handle) = self.handles.borrow().get(&instance) {

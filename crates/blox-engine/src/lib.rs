@@ -8,6 +8,7 @@
 mod datetime;
 mod enums;
 pub mod instance;
+mod scripts;
 mod services;
 
 use std::hash::{BuildHasher, Hasher};
@@ -101,14 +102,14 @@ impl Engine {
         &self.scheduler
     }
 
-    /// Compiles `source` as a server Script named `name` and starts it at once. Returns the
-    /// script's main thread.
+    /// Compiles `source` as a chunk named `name` outside the tree (no `script`; `require` takes
+    /// ModuleScript instances) and starts it at once. Returns its main thread.
     pub fn start_script(&self, name: &str, source: &[u8]) -> Result<Thread, EngineError> {
         let chunk = self
             .lua
             .load(source)
             .set_name(format!("@{name}"))
-            .set_environment(self.script_environment()?)
+            .set_environment(scripts::environment(&self.lua, Ref::none())?)
             .into_function()
             .map_err(|error| EngineError::Syntax(blox_scheduler::error_message(&error)))?;
         let thread = self.lua.create_thread(chunk)?;
@@ -116,16 +117,27 @@ impl Engine {
         Ok(thread)
     }
 
-    /// A fresh global environment for one script, as Roblox gives each script its own: reads
-    /// fall through to the shared, read-only globals; assignments stay in the script.
-    fn script_environment(&self) -> mlua::Result<mlua::Table> {
-        let environment = self.lua.create_table()?;
-        let fall_through = self.lua.create_table()?;
-        fall_through.raw_set("__index", self.lua.globals())?;
-        environment.set_metatable(Some(fall_through))?;
-        // Built-in libraries stay read-only underneath, so Luau's fast paths for them hold.
-        environment.set_safeenv(true);
-        Ok(environment)
+    /// Mounts `place` into the tree and starts its server Scripts (those in
+    /// ServerScriptService and Workspace). Returns each Script's main thread.
+    pub fn load_place(&self, place: &blox_place::Place) -> Result<Vec<Thread>, EngineError> {
+        let tree = Tree::of(&self.lua);
+        tree.mount(&place.dom);
+        let mut threads = Vec::new();
+        for script in scripts::server_scripts(&tree) {
+            let chunk_name = if place.single_script {
+                format!("@{}", place.name)
+            } else {
+                scripts::chunk_name(&tree, script)
+            };
+            let chunk = scripts::compile(&self.lua, script, &chunk_name)
+                .map_err(|error| EngineError::Syntax(blox_scheduler::error_message(&error)))?;
+            let thread = self.lua.create_thread(chunk)?;
+            threads.push(thread);
+        }
+        for thread in &threads {
+            self.scheduler.spawn(thread.clone(), MultiValue::new())?;
+        }
+        Ok(threads)
     }
 
     /// Adds a player (as a client joining): a Player under Players, then `PlayerAdded`.

@@ -14,6 +14,7 @@ use blox_datastore::backend::{self, Backend, BackendError, OpenOptions};
 use blox_datastore::budget::Throttling;
 use blox_datastore::{DataStoreContext, operations};
 use blox_engine::{CLOSE_DEADLINE, Engine, EngineError, ServerIdentity};
+use blox_place::Place;
 use blox_scheduler::{RealClock, ThreadError};
 
 pub use blox_datastore::backend::DEFAULT_DATABASE_URL;
@@ -35,10 +36,12 @@ pub enum HostError {
 /// How a script run ended.
 #[derive(Debug)]
 pub struct ScriptOutcome {
-    /// The error that ended the script's main chunk, if it failed.
+    /// The error that ended a Script's main chunk, the first if several failed.
     pub main_error: Option<ThreadError>,
     /// Every error that ended a thread, the main chunk's included.
     pub thread_errors: Vec<ThreadError>,
+    /// How many Scripts the place started.
+    pub scripts_started: usize,
 }
 
 /// An open database and the runtime that serves it.
@@ -90,13 +93,12 @@ impl Host {
         &self.database
     }
 
-    /// Runs `source` as a server Script until every thread has finished (or `stop`
-    /// completes), then runs the `game:BindToClose` callbacks for up to 30 seconds.
-    pub fn run_script(
+    /// Runs `place`'s server Scripts until every thread has finished (or `stop` completes),
+    /// then runs the `game:BindToClose` callbacks for up to 30 seconds.
+    pub fn run_place(
         &self,
         identity: ServerIdentity,
-        name: &str,
-        source: &[u8],
+        place: &Place,
         stop: impl Future<Output = ()>,
     ) -> Result<ScriptOutcome, HostError> {
         let vm = tokio::runtime::Builder::new_current_thread()
@@ -110,12 +112,13 @@ impl Host {
                 self.throttling,
             );
             let engine = Engine::new(identity, context, Rc::new(RealClock::new()))?;
-            let main = engine.start_script(name, source)?;
+            let scripts = engine.load_place(place)?;
             engine.scheduler().run_until(engine.lua(), stop).await;
             engine.close(CLOSE_DEADLINE).await?;
             Ok(ScriptOutcome {
-                main_error: engine.failure_of(&main),
+                main_error: scripts.iter().find_map(|script| engine.failure_of(script)),
                 thread_errors: engine.scheduler().errors(),
+                scripts_started: scripts.len(),
             })
         })
     }

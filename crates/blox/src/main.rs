@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use blox::{DEFAULT_DATABASE_URL, Host};
 use blox_datastore::backend::{OpenOptions, SqliteSync};
 use blox_datastore::budget::Throttling;
@@ -87,8 +86,7 @@ fn describe(error: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let Command::Run { script, server } = cli.command;
-    let source =
-        std::fs::read(&script).with_context(|| format!("cannot read {}", script.display()))?;
+    let place = blox_place::load(&script)?;
     let options = OpenOptions {
         postgres_pool_size: server.postgres_pool_size,
         sqlite_sync: server.sqlite_sync,
@@ -101,11 +99,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         game_id: server.game_id,
         job_id: blox_engine::new_guid().to_lowercase(),
     };
-    let name = script.file_name().map_or_else(
-        || script.display().to_string(),
-        |n| n.to_string_lossy().into_owned(),
-    );
-    let outcome = host.run_script(identity, &name, &source, shutdown_signal())?;
+    let outcome = host.run_place(identity, &place, shutdown_signal())?;
     host.shutdown(Duration::from_secs(10));
     Ok(if outcome.main_error.is_some() {
         ExitCode::FAILURE

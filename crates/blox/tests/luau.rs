@@ -43,12 +43,14 @@ fn run_luau_test(name: &str, database: TestDatabase) {
     };
     let timed_out = std::rc::Rc::new(std::cell::Cell::new(false));
     let flag = std::rc::Rc::clone(&timed_out);
+    let place = blox_place::load(&path).expect("the script loads");
     let outcome = host
-        .run_script(identity, &format!("{name}.luau"), &source, async move {
+        .run_place(identity, &place, async move {
             tokio::time::sleep(TIME_LIMIT).await;
             flag.set(true);
         })
         .expect("the script starts");
+    assert_eq!(outcome.scripts_started, 1, "{name} ran as a Script");
     assert!(
         !timed_out.get(),
         "{name} did not finish within {TIME_LIMIT:?}"

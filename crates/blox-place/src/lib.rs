@@ -1,0 +1,426 @@
+//! Loading a game into an instance tree: a Rojo project, or a single script.
+//!
+//! Real games are Rojo projects: a `*.project.json` that maps folders of Luau files onto the
+//! DataModel. [`load`] turns one into an `rbx_dom_weak::WeakDom` whose root is the DataModel,
+//! following Rojo's file conventions (`*.server.luau` is a Script, `*.client.luau` a
+//! LocalScript, any other `*.luau`/`*.lua` a ModuleScript, `init.*` turns its folder into that
+//! script, `*.txt` a StringValue), so the engine mounts what Rojo would have built in Studio.
+//! A single `.luau` file loads as one Script in ServerScriptService, so `blox run file.luau`
+//! keeps working. Scripts keep their code in the `Source` property, as in a place file.
+
+use std::path::{Path, PathBuf};
+
+use rbx_dom_weak::types::{Attributes, Variant};
+use rbx_dom_weak::{InstanceBuilder, WeakDom};
+use serde_json::{Map, Value as Json};
+
+/// Why a game could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PlaceError {
+    /// A file or folder could not be read.
+    #[error("cannot read {path}")]
+    Io {
+        /// The path involved.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A project file is not valid JSON or not a valid Rojo project.
+    #[error("invalid project {path}: {reason}")]
+    Project {
+        /// The project file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The path is none of the kinds Blox loads.
+    #[error(
+        "{0} is not a Luau script (.luau, .lua), a Rojo project (*.project.json) or a folder holding default.project.json"
+    )]
+    UnknownKind(PathBuf),
+}
+
+/// What was loaded.
+#[derive(Debug)]
+pub struct Place {
+    /// The DataModel and everything under it.
+    pub dom: WeakDom,
+    /// The project's name (a script's file name for a single script).
+    pub name: String,
+    /// True when the place is a single script file, whose errors name the file.
+    pub single_script: bool,
+}
+
+/// Loads the game at `path`: a `.luau`/`.lua` file, a `*.project.json`, or a folder with a
+/// `default.project.json`.
+pub fn load(path: &Path) -> Result<Place, PlaceError> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if path.is_dir() {
+        return load_project(&path.join("default.project.json"));
+    }
+    if name.ends_with(".project.json") {
+        return load_project(path);
+    }
+    if name.ends_with(".luau") || name.ends_with(".lua") {
+        let source = read(path)?;
+        // The file is run as a server Script whatever Rojo would make of its name.
+        let script_name = script_kind(&name).map_or(name.as_str(), |(_, stem)| stem);
+        let script = InstanceBuilder::new("Script")
+            .with_name(script_name)
+            .with_property("Source", Variant::String(source));
+        let mut dom = WeakDom::new(InstanceBuilder::new("DataModel").with_name("Game"));
+        let root = dom.root_ref();
+        dom.insert(
+            root,
+            InstanceBuilder::new("ServerScriptService")
+                .with_name("ServerScriptService")
+                .with_child(script),
+        );
+        return Ok(Place {
+            dom,
+            name,
+            single_script: true,
+        });
+    }
+    Err(PlaceError::UnknownKind(path.to_owned()))
+}
+
+fn read(path: &Path) -> Result<String, PlaceError> {
+    std::fs::read_to_string(path).map_err(|source| PlaceError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn load_project(path: &Path) -> Result<Place, PlaceError> {
+    let invalid = |reason: String| PlaceError::Project {
+        path: path.to_owned(),
+        reason,
+    };
+    let project: Json = serde_json::from_str(&read(path)?).map_err(|e| invalid(e.to_string()))?;
+    let name = project
+        .get("name")
+        .and_then(Json::as_str)
+        .unwrap_or("Game")
+        .to_owned();
+    let Some(tree) = project.get("tree").and_then(Json::as_object) else {
+        return Err(invalid("no \"tree\" object".to_owned()));
+    };
+    let base = path.parent().unwrap_or(Path::new("."));
+    let root = node(base, "Game", tree).map_err(|reason| match reason {
+        NodeError::Io(error) => error,
+        NodeError::Invalid(reason) => invalid(reason),
+    })?;
+    Ok(Place {
+        dom: WeakDom::new(root.with_class("DataModel").with_name("Game")),
+        name,
+        single_script: false,
+    })
+}
+
+enum NodeError {
+    Io(PlaceError),
+    Invalid(String),
+}
+
+impl From<PlaceError> for NodeError {
+    fn from(error: PlaceError) -> Self {
+        NodeError::Io(error)
+    }
+}
+
+/// One node of a project tree: `$className`, `$path`, `$properties`, `$attributes`, and the
+/// other keys as children.
+fn node(base: &Path, name: &str, json: &Map<String, Json>) -> Result<InstanceBuilder, NodeError> {
+    let mut builder = match json.get("$path").and_then(Json::as_str) {
+        Some(relative) => from_path(&base.join(relative), name)?,
+        None => {
+            let class = json
+                .get("$className")
+                .and_then(Json::as_str)
+                .map(str::to_owned)
+                .or_else(|| is_service(name).then(|| name.to_owned()))
+                .ok_or_else(|| {
+                    NodeError::Invalid(format!("{name} has neither $className nor $path"))
+                })?;
+            InstanceBuilder::new(class).with_name(name)
+        }
+    };
+    match json.get("$className").and_then(Json::as_str) {
+        Some(class) => builder = builder.with_class(class),
+        // A service mapped onto a folder stays that service, as in Rojo.
+        None if is_service(name) => builder = builder.with_class(name),
+        None => {}
+    }
+    if let Some(properties) = json.get("$properties").and_then(Json::as_object) {
+        for (property, value) in properties {
+            if let Some(value) = variant(value) {
+                builder = builder.with_property(property.as_str(), value);
+            }
+        }
+    }
+    if let Some(attributes) = json.get("$attributes").and_then(Json::as_object) {
+        let mut all = Attributes::new();
+        for (attribute, value) in attributes {
+            if let Some(value) = variant(value) {
+                all.insert(attribute.clone(), value);
+            }
+        }
+        builder = builder.with_property("Attributes", Variant::Attributes(all));
+    }
+    for (child, value) in json {
+        if child.starts_with('$') {
+            continue;
+        }
+        let Some(child_json) = value.as_object() else {
+            return Err(NodeError::Invalid(format!(
+                "{name}.{child} is not an object"
+            )));
+        };
+        builder = builder.with_child(node(base, child, child_json)?);
+    }
+    Ok(builder)
+}
+
+/// Services a project may name without `$className`, as Rojo allows.
+fn is_service(name: &str) -> bool {
+    matches!(
+        name,
+        "Workspace"
+            | "Players"
+            | "Lighting"
+            | "ReplicatedFirst"
+            | "ReplicatedStorage"
+            | "ServerScriptService"
+            | "ServerStorage"
+            | "StarterGui"
+            | "StarterPack"
+            | "StarterPlayer"
+            | "Teams"
+            | "SoundService"
+            | "Chat"
+            | "TestService"
+            | "HttpService"
+    )
+}
+
+/// A JSON property or attribute value as a Variant: strings, booleans and numbers.
+fn variant(value: &Json) -> Option<Variant> {
+    match value {
+        Json::String(text) => Some(Variant::String(text.clone())),
+        Json::Bool(b) => Some(Variant::Bool(*b)),
+        Json::Number(n) => match n.as_i64() {
+            Some(i) => Some(Variant::Int64(i)),
+            None => n.as_f64().map(Variant::Float64),
+        },
+        _ => None,
+    }
+}
+
+/// The class and instance name Rojo gives a script file, or `None` for other files.
+fn script_kind(file_name: &str) -> Option<(&'static str, &str)> {
+    for (suffix, class) in [
+        (".server.luau", "Script"),
+        (".server.lua", "Script"),
+        (".client.luau", "LocalScript"),
+        (".client.lua", "LocalScript"),
+        (".luau", "ModuleScript"),
+        (".lua", "ModuleScript"),
+    ] {
+        if let Some(stem) = file_name.strip_suffix(suffix) {
+            return Some((class, stem));
+        }
+    }
+    None
+}
+
+/// The instance a file or folder stands for under Rojo's conventions, named `name`.
+fn from_path(path: &Path, name: &str) -> Result<InstanceBuilder, NodeError> {
+    if path.is_file() {
+        let file_name = path.file_name().unwrap_or_default().to_string_lossy();
+        if let Some((class, _)) = script_kind(&file_name) {
+            return Ok(InstanceBuilder::new(class)
+                .with_name(name)
+                .with_property("Source", Variant::String(read(path)?)));
+        }
+        if file_name.ends_with(".txt") {
+            return Ok(InstanceBuilder::new("StringValue")
+                .with_name(name)
+                .with_property("Value", Variant::String(read(path)?)));
+        }
+        return Err(NodeError::Invalid(format!(
+            "{} is not a file Blox can load",
+            path.display()
+        )));
+    }
+    let entries = std::fs::read_dir(path).map_err(|source| PlaceError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    files.sort();
+    let mut builder = InstanceBuilder::new("Folder").with_name(name);
+    for file in &files {
+        let file_name = file.file_name().unwrap_or_default().to_string_lossy();
+        if let Some((class, "init")) = script_kind(&file_name) {
+            builder = builder
+                .with_class(class)
+                .with_property("Source", Variant::String(read(file)?));
+        }
+    }
+    for file in &files {
+        let file_name = file
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        if file_name.starts_with('.')
+            || script_kind(&file_name).is_some_and(|(_, stem)| stem == "init")
+        {
+            continue;
+        }
+        if file.is_dir() {
+            builder = builder.with_child(from_path(file, &file_name)?);
+        } else if let Some((_, stem)) = script_kind(&file_name) {
+            builder = builder.with_child(from_path(file, stem)?);
+        } else if let Some(stem) = file_name.strip_suffix(".txt") {
+            builder = builder.with_child(from_path(file, stem)?);
+        }
+    }
+    Ok(builder)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(folder: &Path, relative: &str, text: &str) {
+        let path = folder.join(relative);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    fn find(dom: &WeakDom, path: &[&str]) -> Option<rbx_dom_weak::types::Ref> {
+        let mut at = dom.root_ref();
+        for name in path {
+            at = *dom
+                .get_by_ref(at)?
+                .children()
+                .iter()
+                .find(|child| dom.get_by_ref(**child).is_some_and(|c| c.name == *name))?;
+        }
+        Some(at)
+    }
+
+    fn class(dom: &WeakDom, path: &[&str]) -> String {
+        find(dom, path)
+            .map(|r| dom.get_by_ref(r).unwrap().class.to_string())
+            .unwrap_or_else(|| format!("missing {path:?}"))
+    }
+
+    #[test]
+    fn a_rojo_project_follows_rojo_file_conventions() {
+        let folder = tempfile::tempdir().unwrap();
+        let root = folder.path();
+        write(
+            root,
+            "default.project.json",
+            r#"{
+                "name": "Tycoon",
+                "tree": {
+                    "$className": "DataModel",
+                    "ServerScriptService": { "$path": "src/server" },
+                    "ReplicatedStorage": {
+                        "Shared": { "$path": "src/shared" },
+                        "Config": { "$className": "Configuration", "$attributes": { "Rate": 2 } }
+                    },
+                    "Workspace": {
+                        "Cash": { "$className": "IntValue", "$properties": { "Value": 5 } }
+                    }
+                }
+            }"#,
+        );
+        write(root, "src/server/main.server.luau", "print('main')");
+        write(root, "src/server/Helper.luau", "return {}");
+        write(root, "src/server/ui.client.luau", "print('client')");
+        write(root, "src/shared/Util/init.luau", "return 1");
+        write(root, "src/shared/Util/Child.lua", "return 2");
+        write(root, "src/shared/Notes.txt", "hello");
+        write(root, "src/shared/.hidden.luau", "return 3");
+
+        let place = load(root).unwrap();
+        assert_eq!(place.name, "Tycoon");
+        assert!(!place.single_script);
+        let dom = &place.dom;
+        assert_eq!(class(dom, &[]), "DataModel");
+        assert_eq!(class(dom, &["ServerScriptService"]), "ServerScriptService");
+        assert_eq!(class(dom, &["ServerScriptService", "main"]), "Script");
+        assert_eq!(
+            class(dom, &["ServerScriptService", "Helper"]),
+            "ModuleScript"
+        );
+        assert_eq!(class(dom, &["ServerScriptService", "ui"]), "LocalScript");
+        assert_eq!(
+            class(dom, &["ReplicatedStorage", "Shared", "Util"]),
+            "ModuleScript"
+        );
+        assert_eq!(
+            class(dom, &["ReplicatedStorage", "Shared", "Util", "Child"]),
+            "ModuleScript"
+        );
+        assert_eq!(
+            class(dom, &["ReplicatedStorage", "Shared", "Notes"]),
+            "StringValue"
+        );
+        assert!(find(dom, &["ReplicatedStorage", "Shared", ".hidden"]).is_none());
+        assert_eq!(
+            class(dom, &["ReplicatedStorage", "Config"]),
+            "Configuration"
+        );
+        let cash = dom
+            .get_by_ref(find(dom, &["Workspace", "Cash"]).unwrap())
+            .unwrap();
+        assert_eq!(
+            cash.properties.get(&rbx_dom_weak::ustr("Value")),
+            Some(&Variant::Int64(5))
+        );
+        let util = dom
+            .get_by_ref(find(dom, &["ReplicatedStorage", "Shared", "Util"]).unwrap())
+            .unwrap();
+        assert_eq!(
+            util.properties.get(&rbx_dom_weak::ustr("Source")),
+            Some(&Variant::String("return 1".to_owned()))
+        );
+    }
+
+    #[test]
+    fn a_single_script_is_a_script_in_server_script_service() {
+        let folder = tempfile::tempdir().unwrap();
+        write(folder.path(), "game.server.luau", "print(1)");
+        let place = load(&folder.path().join("game.server.luau")).unwrap();
+        assert!(place.single_script);
+        assert_eq!(
+            class(&place.dom, &["ServerScriptService", "game"]),
+            "Script"
+        );
+    }
+
+    #[test]
+    fn bad_projects_are_clear_errors() {
+        let folder = tempfile::tempdir().unwrap();
+        write(folder.path(), "broken.project.json", "{ not json");
+        let error = load(&folder.path().join("broken.project.json")).unwrap_err();
+        assert!(error.to_string().starts_with("invalid project"), "{error}");
+        write(folder.path(), "empty.project.json", r#"{ "name": "x" }"#);
+        let error = load(&folder.path().join("empty.project.json")).unwrap_err();
+        assert!(error.to_string().contains("no \"tree\""), "{error}");
+        assert!(matches!(
+            load(&folder.path().join("notes.md")),
+            Err(PlaceError::UnknownKind(_))
+        ));
+        assert!(matches!(load(folder.path()), Err(PlaceError::Io { .. })));
+    }
+}
