@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use blox_datastore::DataStoreContext;
 use blox_scheduler::{Clock, Scheduler, ThreadError};
+use mlua::thread::ThreadStatus;
 use mlua::{
     AnyUserData, Function, Lua, LuaOptions, MultiValue, ObjectLike as _, StdLib, Thread, Value,
 };
@@ -175,17 +176,38 @@ impl Engine {
         self.scheduler.run_until_idle(&self.lua).await;
     }
 
-    /// Runs every `game:BindToClose` callback concurrently and waits for them, at most
-    /// `deadline`.
+    /// Shuts the game down as a Roblox server does: `PlayerRemoving` for every player still
+    /// in the game, then every `game:BindToClose` callback, concurrently, waiting until they
+    /// have all returned or `deadline` has passed. Other threads (a game loop) do not hold
+    /// the shutdown up.
     pub async fn close(&self, deadline: Duration) -> Result<(), EngineError> {
-        let callbacks = GameState::of(&self.lua).close_callbacks();
-        for callback in callbacks {
-            let thread = self.lua.create_thread(callback)?;
-            self.scheduler.spawn(thread, MultiValue::new())?;
+        for player in self.players() {
+            services::remove_player(&self.lua, player)?;
         }
-        self.scheduler
-            .run_until(&self.lua, tokio::time::sleep(deadline))
-            .await;
+        let mut callbacks = Vec::new();
+        for callback in GameState::of(&self.lua).close_callbacks() {
+            let thread = self.lua.create_thread(callback)?;
+            self.scheduler.spawn(thread.clone(), MultiValue::new())?;
+            callbacks.push(thread);
+        }
+        let scheduler = Rc::clone(&self.scheduler);
+        let returned = async move {
+            while callbacks.iter().any(|thread| {
+                !matches!(
+                    thread.status(),
+                    ThreadStatus::Finished | ThreadStatus::Error
+                )
+            }) {
+                scheduler.sleep(Duration::ZERO).await;
+            }
+        };
+        let stop = async {
+            tokio::select! {
+                () = returned => {}
+                () = tokio::time::sleep(deadline) => {}
+            }
+        };
+        self.scheduler.run_until(&self.lua, stop).await;
         Ok(())
     }
 

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
 
-use blox_datastore::{DataStoreContext, DataStoreService};
+use blox_datastore::{DataStoreContext, DataStoreService, codec};
 use blox_scheduler::{Scheduler, Signal};
 use mlua::{
     AnyUserData, Function, IntoLuaMulti, Lua, MetaMethod, MultiValue, UserData, UserDataFields,
@@ -402,6 +402,28 @@ impl UserData for HttpService {
             } else {
                 guid
             })
+        });
+        // Roblox's JSON rules are the DataStore's (arrays, string-key dictionaries, no mixed
+        // or sparse tables), so both go through the same strict codec.
+        methods.add_method("JSONEncode", |_, _, value: Value| {
+            codec::encode(&value).map_err(|error| {
+                let message = error.to_string();
+                mlua::Error::RuntimeError(
+                    if message.contains("Array") || message.contains("Dictionary") {
+                        "Cannot convert mixed or non-array tables: keys must be strings".to_owned()
+                    } else {
+                        "Can't convert to JSON".to_owned()
+                    },
+                )
+            })
+        });
+        methods.add_method("JSONDecode", |lua, _, text: mlua::LuaString| {
+            let parsed = text
+                .to_str()
+                .ok()
+                .and_then(|text| codec::decode(&text).ok())
+                .ok_or_else(|| mlua::Error::RuntimeError("Can't parse JSON".to_owned()))?;
+            codec::to_lua(lua, &parsed)
         });
         add_service_methods(methods, |_| "HttpService");
     }

@@ -124,3 +124,56 @@ fn players_join_get_leaderstats_and_leave() {
         );
     });
 }
+
+#[test]
+fn closing_removes_players_then_waits_for_bind_to_close_only() {
+    with_engine(async |engine| {
+        engine
+            .start_script(
+                "close.server.luau",
+                br#"
+                local Players = game:GetService("Players")
+                shared.log = {}
+                Players.PlayerRemoving:Connect(function(player)
+                    table.insert(shared.log, "removing " .. player.Name)
+                end)
+                game:BindToClose(function()
+                    table.insert(shared.log, "closing with " .. #Players:GetPlayers() .. " players")
+                    task.wait(0.1)
+                    table.insert(shared.log, "saved")
+                end)
+                game:BindToClose(function()
+                    table.insert(shared.log, "second callback")
+                end)
+                task.spawn(function()
+                    while true do
+                        task.wait(0.05)
+                    end
+                end)
+                "#,
+            )
+            .unwrap();
+        engine.add_player(1, "first").unwrap();
+        engine.add_player(2, "second").unwrap();
+        let started = std::time::Instant::now();
+        engine
+            .close(std::time::Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "a running game loop does not hold the shutdown up to its deadline"
+        );
+        let log: Vec<String> = shared(engine, "log");
+        assert_eq!(
+            log,
+            [
+                "removing first",
+                "removing second",
+                "closing with 0 players",
+                "second callback",
+                "saved",
+            ]
+        );
+    });
+}

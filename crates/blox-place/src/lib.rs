@@ -1,12 +1,14 @@
-//! Loading a game into an instance tree: a Rojo project, or a single script.
+//! Loading a game into an instance tree: a Rojo project, a place file, or a single script.
 //!
 //! Real games are Rojo projects: a `*.project.json` that maps folders of Luau files onto the
 //! DataModel. [`load`] turns one into an `rbx_dom_weak::WeakDom` whose root is the DataModel,
 //! following Rojo's file conventions (`*.server.luau` is a Script, `*.client.luau` a
 //! LocalScript, any other `*.luau`/`*.lua` a ModuleScript, `init.*` turns its folder into that
 //! script, `*.txt` a StringValue), so the engine mounts what Rojo would have built in Studio.
-//! A single `.luau` file loads as one Script in ServerScriptService, so `blox run file.luau`
-//! keeps working. Scripts keep their code in the `Source` property, as in a place file.
+//! Place files saved by Studio load with the rojo-rbx decoders (`.rbxl` binary, `.rbxlx`
+//! XML). A single `.luau` file loads as one Script in ServerScriptService, so `blox run
+//! file.luau` keeps working. Scripts keep their code in the `Source` property, as in a place
+//! file.
 
 use std::path::{Path, PathBuf};
 
@@ -33,9 +35,17 @@ pub enum PlaceError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A place file could not be decoded.
+    #[error("invalid place file {path}: {reason}")]
+    PlaceFile {
+        /// The place file.
+        path: PathBuf,
+        /// The decoder's complaint.
+        reason: String,
+    },
     /// The path is none of the kinds Blox loads.
     #[error(
-        "{0} is not a Luau script (.luau, .lua), a Rojo project (*.project.json) or a folder holding default.project.json"
+        "{0} is not a Luau script (.luau, .lua), a Rojo project (*.project.json), a folder holding default.project.json or a place file (.rbxl, .rbxlx)"
     )]
     UnknownKind(PathBuf),
 }
@@ -64,6 +74,9 @@ pub fn load(path: &Path) -> Result<Place, PlaceError> {
     if name.ends_with(".project.json") {
         return load_project(path);
     }
+    if name.ends_with(".rbxl") || name.ends_with(".rbxlx") {
+        return load_place_file(path, name);
+    }
     if name.ends_with(".luau") || name.ends_with(".lua") {
         let source = read(path)?;
         // The file is run as a server Script whatever Rojo would make of its name.
@@ -86,6 +99,28 @@ pub fn load(path: &Path) -> Result<Place, PlaceError> {
         });
     }
     Err(PlaceError::UnknownKind(path.to_owned()))
+}
+
+fn load_place_file(path: &Path, name: String) -> Result<Place, PlaceError> {
+    let file = std::fs::File::open(path).map_err(|source| PlaceError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let reader = std::io::BufReader::new(file);
+    let decoded = if name.ends_with(".rbxl") {
+        rbx_binary::from_reader(reader).map_err(|error| error.to_string())
+    } else {
+        rbx_xml::from_reader_default(reader).map_err(|error| error.to_string())
+    };
+    let dom = decoded.map_err(|reason| PlaceError::PlaceFile {
+        path: path.to_owned(),
+        reason,
+    })?;
+    Ok(Place {
+        dom,
+        name,
+        single_script: false,
+    })
 }
 
 fn read(path: &Path) -> Result<String, PlaceError> {
@@ -405,6 +440,51 @@ mod tests {
         assert_eq!(
             class(&place.dom, &["ServerScriptService", "game"]),
             "Script"
+        );
+    }
+
+    #[test]
+    fn place_files_load_in_both_formats() {
+        let mut saved = WeakDom::new(InstanceBuilder::new("DataModel"));
+        let root = saved.root_ref();
+        let service = saved.insert(
+            root,
+            InstanceBuilder::new("ServerScriptService").with_name("ServerScriptService"),
+        );
+        saved.insert(
+            service,
+            InstanceBuilder::new("Script")
+                .with_name("Main")
+                .with_property(
+                    "Source",
+                    Variant::String("print('from a place')".to_owned()),
+                ),
+        );
+        let folder = tempfile::tempdir().unwrap();
+        let binary = folder.path().join("game.rbxl");
+        let xml = folder.path().join("game.rbxlx");
+        let services = saved.root().children().to_vec();
+        rbx_binary::to_writer(std::fs::File::create(&binary).unwrap(), &saved, &services).unwrap();
+        rbx_xml::to_writer_default(std::fs::File::create(&xml).unwrap(), &saved, &services)
+            .unwrap();
+        for path in [binary, xml] {
+            let place = load(&path).unwrap();
+            assert!(!place.single_script);
+            let main = find(&place.dom, &["ServerScriptService", "Main"]).expect("Main loads");
+            let main = place.dom.get_by_ref(main).unwrap();
+            assert_eq!(main.class, "Script");
+            assert_eq!(
+                main.properties.get(&rbx_dom_weak::ustr("Source")),
+                Some(&Variant::String("print('from a place')".to_owned())),
+                "{}",
+                path.display()
+            );
+        }
+        std::fs::write(folder.path().join("junk.rbxl"), "not a place").unwrap();
+        let error = load(&folder.path().join("junk.rbxl")).unwrap_err();
+        assert!(
+            error.to_string().starts_with("invalid place file"),
+            "{error}"
         );
     }
 
