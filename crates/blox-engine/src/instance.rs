@@ -589,6 +589,17 @@ impl Tree {
         Ok(function)
     }
 
+    /// Fires the `Event` of a BindableEvent or the `OnServerEvent` of a RemoteEvent.
+    pub fn fire_event(&self, lua: &Lua, instance: Ref, args: MultiValue) -> mlua::Result<()> {
+        self.extras(instance).event.fire(lua, args)
+    }
+
+    /// The `OnInvoke` or `OnServerInvoke` callback of `instance`, if set.
+    pub fn callback(&self, instance: Ref) -> Option<Function> {
+        self.observed_extras(instance)
+            .and_then(|extras| extras.callback.borrow().clone())
+    }
+
     /// Builds the error for a member `instance` does not have.
     fn invalid_member(&self, instance: Ref, member: &str) -> mlua::Error {
         runtime_error(format!(
@@ -915,6 +926,43 @@ fn class_member(
             },
         )?)),
         ("BindableFunction", "Invoke") => Some(Value::Function(invoke_function(lua, tree)?)),
+        ("RemoteEvent", "FireClient") => Some(Value::Function(tree.method(
+            lua,
+            "FireClient",
+            |lua, remote, args| {
+                let mut args = args.into_iter();
+                let player = args
+                    .next()
+                    .as_ref()
+                    .and_then(Instance::from_value)
+                    .filter(|player| Tree::of(lua).class(*player) == "Player")
+                    .ok_or_else(|| {
+                        runtime_error(
+                            "FireClient: player argument must be a Player object".to_owned(),
+                        )
+                    })?;
+                crate::net::fire_client(lua, remote, player, args.collect())?;
+                Ok(MultiValue::new())
+            },
+        )?)),
+        ("RemoteEvent", "FireAllClients") => Some(Value::Function(tree.method(
+            lua,
+            "FireAllClients",
+            |lua, remote, args| {
+                crate::net::fire_all_clients(lua, remote, args)?;
+                Ok(MultiValue::new())
+            },
+        )?)),
+        ("RemoteFunction", "InvokeClient") => Some(Value::Function(tree.method(
+            lua,
+            "InvokeClient",
+            |_, _, _| {
+                Err(runtime_error(
+                    "InvokeClient is not supported by Blox: a server must not wait on a client"
+                        .to_owned(),
+                ))
+            },
+        )?)),
         ("BindableFunction", "OnInvoke") | ("RemoteFunction", "OnServerInvoke") => {
             return Err(runtime_error(format!(
                 "{member} is a callback member of {class}; you can only set the callback value, get is not available"

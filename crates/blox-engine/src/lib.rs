@@ -8,6 +8,7 @@
 mod datetime;
 mod enums;
 pub mod instance;
+pub mod net;
 mod scripts;
 mod services;
 

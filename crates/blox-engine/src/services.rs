@@ -106,6 +106,11 @@ impl GameState {
             .expect("the engine installs a GameState in every VM")
     }
 
+    /// `game.JobId`.
+    pub fn job_id(&self) -> &str {
+        &self.identity.job_id
+    }
+
     /// The callbacks registered with `game:BindToClose`, in registration order.
     pub fn close_callbacks(&self) -> Vec<Function> {
         self.close_callbacks.borrow().clone()
@@ -246,8 +251,13 @@ pub fn class_members(
             Some(Variant::String(name)) => Value::String(lua.create_string(name)?),
             _ => Value::String(lua.create_string(tree.name(instance))?),
         })),
-        ("Player", "Kick") => method("Kick", |lua, player, _| {
+        ("Player", "Kick") => method("Kick", |lua, player, args| {
+            let reason = match args.into_iter().next() {
+                Some(Value::String(text)) => text.to_string_lossy(),
+                _ => String::new(),
+            };
             remove_player(lua, player)?;
+            crate::net::kicked(lua, player, &reason);
             Ok(MultiValue::new())
         }),
         _ => Ok(None),

@@ -330,10 +330,20 @@ impl Scheduler {
 
     /// Drives threads, timers and frames in real time until idle or until `stop` completes.
     pub async fn run_until(&self, lua: &Lua, stop: impl Future<Output = ()>) {
+        self.drive(lua, stop, true).await;
+    }
+
+    /// Drives threads, timers and frames in real time until `stop` completes, idle or not: a
+    /// server waiting for players keeps its frames going.
+    pub async fn serve_until(&self, lua: &Lua, stop: impl Future<Output = ()>) {
+        self.drive(lua, stop, false).await;
+    }
+
+    async fn drive(&self, lua: &Lua, stop: impl Future<Output = ()>, until_idle: bool) {
         tokio::pin!(stop);
         loop {
             self.run_ready_until(self.last_frame.get() + FRAME);
-            if self.is_idle() {
+            if until_idle && self.is_idle() {
                 return;
             }
             let next_frame = self.last_frame.get() + FRAME;

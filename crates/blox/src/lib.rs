@@ -6,6 +6,7 @@
 //! the VM thread doubles PostgreSQL throughput from Luau, and the VM never blocks on I/O.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +16,8 @@ use blox_datastore::budget::Throttling;
 use blox_datastore::{DataStoreContext, operations};
 use blox_engine::{CLOSE_DEADLINE, Engine, EngineError, ServerIdentity};
 use blox_place::Place;
+
+mod serve;
 use blox_scheduler::{RealClock, ThreadError};
 
 pub use blox_datastore::backend::DEFAULT_DATABASE_URL;
@@ -121,6 +124,50 @@ impl Host {
                 scripts_started: scripts.len(),
             })
         })
+    }
+
+    /// Serves `place` on `listener` until `stop` completes: clients join over WebSocket as
+    /// players (see [`serve`]). On stop it refuses new players, fires `PlayerRemoving` for
+    /// everyone, waits for the `BindToClose` callbacks (30 s at most) and closes the sockets.
+    /// `page` is served at `/` when given.
+    pub fn serve(
+        &self,
+        identity: ServerIdentity,
+        place: &Place,
+        listener: std::net::TcpListener,
+        page: Option<PathBuf>,
+        stop: impl Future<Output = ()>,
+    ) -> Result<ScriptOutcome, HostError> {
+        let endpoint = Rc::new(serve::Endpoint::start(
+            &self.database,
+            listener,
+            identity.job_id.clone(),
+            page,
+        )?);
+        let vm = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let outcome = vm.block_on(async {
+            let context = DataStoreContext::new(
+                Arc::clone(&self.backend),
+                self.database.handle().clone(),
+                identity.game_id,
+                self.throttling,
+            );
+            let engine = Engine::new(identity, context, Rc::new(RealClock::new()))?;
+            endpoint.attach(engine.lua(), engine.scheduler());
+            let scripts = engine.load_place(place)?;
+            engine.scheduler().serve_until(engine.lua(), stop).await;
+            endpoint.stop_accepting();
+            engine.close(CLOSE_DEADLINE).await?;
+            Ok::<_, HostError>(ScriptOutcome {
+                main_error: scripts.iter().find_map(|script| engine.failure_of(script)),
+                thread_errors: engine.scheduler().errors(),
+                scripts_started: scripts.len(),
+            })
+        });
+        endpoint.shut_down();
+        outcome
     }
 
     /// Lets in-flight database work finish (up to `deadline`) and closes the runtime.

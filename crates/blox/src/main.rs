@@ -1,9 +1,11 @@
-//! The `blox` command: runs Roblox server scripts with a persistent DataStoreService.
+//! The `blox` command: runs Roblox server code (a script, a Rojo project or a place file) with
+//! a persistent DataStoreService, once (`run`) or as a server players join (`serve`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use blox::{DEFAULT_DATABASE_URL, Host};
 use blox_datastore::backend::{OpenOptions, SqliteSync};
 use blox_datastore::budget::Throttling;
@@ -19,10 +21,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Runs a Luau file as a server Script until every thread has finished.
+    /// Runs a game until every thread has finished: its server Scripts start at once.
     Run {
-        /// The script, e.g. `game.server.luau`.
-        script: PathBuf,
+        /// A script (`game.server.luau`), a Rojo project (`default.project.json`, or its
+        /// folder) or a place file (`.rbxl`, `.rbxlx`).
+        game: PathBuf,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Serves a game that players join over WebSocket, until SIGINT or SIGTERM.
+    Serve {
+        /// What to serve, as for `run`. A project folder's `web/index.html` is served at `/`.
+        game: PathBuf,
+        /// The address to listen on (port 0 picks a free port).
+        #[arg(long, env = "BLOX_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
         #[command(flatten)]
         server: ServerArgs,
     },
@@ -85,8 +98,8 @@ fn describe(error: &anyhow::Error) -> String {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let Command::Run { script, server } = cli.command;
-    let place = blox_place::load(&script)?;
+    let (Command::Run { game, server } | Command::Serve { game, server, .. }) = &cli.command;
+    let place = blox_place::load(game)?;
     let options = OpenOptions {
         postgres_pool_size: server.postgres_pool_size,
         sqlite_sync: server.sqlite_sync,
@@ -99,13 +112,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         game_id: server.game_id,
         job_id: blox_engine::new_guid().to_lowercase(),
     };
-    let outcome = host.run_place(identity, &place, shutdown_signal())?;
+    let code = match &cli.command {
+        Command::Run { .. } => {
+            let outcome = host.run_place(identity, &place, shutdown_signal())?;
+            if outcome.main_error.is_some() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Command::Serve { listen, .. } => {
+            let listener = std::net::TcpListener::bind(listen)
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            let address = listener.local_addr()?;
+            println!("listening on http://{address}");
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+            let folder = if game.is_dir() {
+                Some(game.as_path())
+            } else {
+                game.parent()
+            };
+            let page = folder
+                .map(|folder| folder.join("web/index.html"))
+                .filter(|page| page.is_file());
+            host.serve(identity, &place, listener, page, shutdown_signal())?;
+            ExitCode::SUCCESS
+        }
+    };
     host.shutdown(Duration::from_secs(10));
-    Ok(if outcome.main_error.is_some() {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(code)
 }
 
 /// Completes on the first SIGINT or SIGTERM; a second one ends the process at once.

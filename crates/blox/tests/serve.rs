@@ -1,0 +1,183 @@
+//! `blox serve` end to end, as separate processes: the tycoon example served over HTTP and
+//! WebSocket, players joining, earning and buying, leaving and rejoining, and the server
+//! restarting (SIGTERM, then a new process) without losing anything. Runs on SQLite and on
+//! PostgreSQL.
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use blox_testkit::{Scratch, TestDatabase};
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio_tungstenite::tungstenite::Message;
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+struct Server {
+    child: Child,
+    address: String,
+}
+
+impl Server {
+    fn start(url: &str) -> Server {
+        let tycoon = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/tycoon");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_blox"))
+            .arg("serve")
+            .arg(&tycoon)
+            .args(["--listen", "127.0.0.1:0"])
+            .env("BLOX_DATABASE_URL", url)
+            .env("BLOX_GAME_ID", "77")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("blox serve starts");
+        let mut first_line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout is piped"))
+            .read_line(&mut first_line)
+            .expect("blox serve prints its address");
+        let address = first_line
+            .trim()
+            .strip_prefix("listening on http://")
+            .unwrap_or_else(|| panic!("unexpected first line {first_line:?}"))
+            .to_owned();
+        Server { child, address }
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    fn stop(mut self) {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+        let exit = self.child.wait().expect("blox serve exits");
+        assert!(exit.success(), "blox serve exits 0 after SIGTERM: {exit}");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+async fn join(server: &Server, user_id: i64) -> Socket {
+    let url = format!(
+        "ws://{}/ws?userId={user_id}&name=player{user_id}",
+        server.address
+    );
+    let (socket, _) = tokio_tungstenite::connect_async(url).await.expect("joins");
+    socket
+}
+
+/// Reads messages until a State in which the player's data has loaded and `check` holds.
+async fn state_where(
+    socket: &mut Socket,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let message = tokio::time::timeout_at(deadline, socket.next())
+            .await
+            .expect("the expected state arrives in time")
+            .expect("the socket stays open")
+            .expect("a message");
+        let Message::Text(text) = message else {
+            continue;
+        };
+        let data: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+        if data["type"] == "State" && data["attributes"]["Loaded"] == true && check(&data) {
+            return data;
+        }
+    }
+}
+
+async fn act(socket: &mut Socket, action: &str) {
+    let message = serde_json::json!({
+        "type": "FireServer",
+        "remote": "ReplicatedStorage.Remotes.Action",
+        "args": [action],
+    });
+    socket
+        .send(Message::Text(message.to_string().into()))
+        .await
+        .expect("sends");
+}
+
+fn stat(state: &serde_json::Value, name: &str) -> i64 {
+    state["leaderstats"][name].as_i64().unwrap_or(-1)
+}
+
+async fn play(database: TestDatabase) {
+    let scratch = Scratch::new(database, "serve_tycoon");
+    let server = Server::start(&scratch.url);
+
+    let health: serde_json::Value = {
+        let mut stream = tokio::net::TcpStream::connect(&server.address)
+            .await
+            .unwrap();
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        stream
+            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+        serde_json::from_str(body).expect("health is JSON")
+    };
+    assert_eq!(health["status"], "ok");
+    assert!(health["jobId"].as_str().is_some_and(|id| id.len() == 36));
+
+    // A new player starts from the defaults, earns, and buys a speed upgrade.
+    let mut socket = join(&server, 1001).await;
+    let fresh = state_where(&mut socket, |_| true).await;
+    assert_eq!(stat(&fresh, "Money"), 0);
+    assert_eq!(stat(&fresh, "SpeedLevel"), 1);
+    for _ in 0..12 {
+        act(&mut socket, "earn").await;
+    }
+    state_where(&mut socket, |s| stat(s, "Money") == 120).await;
+    act(&mut socket, "buySpeed").await;
+    let bought = state_where(&mut socket, |s| stat(s, "SpeedLevel") == 2).await;
+    assert_eq!(stat(&bought, "Money"), 20);
+    act(&mut socket, "rebirth").await; // not enough money: the server refuses
+    act(&mut socket, "earn").await;
+    let earned = state_where(&mut socket, |s| stat(s, "Money") == 40).await;
+    assert_eq!(stat(&earned, "RebirthCount"), 0);
+
+    // Leave and come back: the data was saved on PlayerRemoving.
+    socket.close(None).await.unwrap();
+    drop(socket);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut socket = join(&server, 1001).await;
+    let back = state_where(&mut socket, |_| true).await;
+    assert_eq!((stat(&back, "Money"), stat(&back, "SpeedLevel")), (40, 2));
+    act(&mut socket, "earn").await;
+    state_where(&mut socket, |s| stat(s, "Money") == 60).await;
+
+    // Restart the server while the player is in the game: BindToClose saves them.
+    server.stop();
+    drop(socket);
+    let server = Server::start(&scratch.url);
+    let mut socket = join(&server, 1001).await;
+    let restarted = state_where(&mut socket, |_| true).await;
+    assert_eq!(
+        (stat(&restarted, "Money"), stat(&restarted, "SpeedLevel")),
+        (60, 2),
+        "nothing lost across a restart"
+    );
+    server.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_tycoon_survives_leaving_and_restarts() {
+    play(TestDatabase::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_tycoon_survives_leaving_and_restarts() {
+    play(TestDatabase::Postgres).await;
+}
