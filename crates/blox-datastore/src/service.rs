@@ -11,10 +11,8 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use mlua::{
     AnyUserData, Function, IntoLuaMulti, Lua, MetaMethod, MultiValue, ObjectLike as _, Table,
@@ -165,25 +163,9 @@ impl DataStoreContext {
     }
 }
 
-/// Completes on its second poll: the guaranteed yield of every `*Async` call.
-pub(crate) struct YieldOnce(bool);
-
-impl Future for YieldOnce {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.0 {
-            Poll::Ready(())
-        } else {
-            self.0 = true;
-            cx.waker().wake_by_ref();
-            Poll::Pending
-        }
-    }
-}
-
-pub(crate) fn yield_once() -> YieldOnce {
-    YieldOnce(false)
+/// The guaranteed yield of every `*Async` call (see [`blox_scheduler::yield_now`]).
+pub(crate) fn yield_once() -> impl Future<Output = ()> {
+    blox_scheduler::yield_now()
 }
 
 /// `game:GetService("DataStoreService")`.

@@ -8,6 +8,7 @@
 mod datetime;
 mod enums;
 pub mod instance;
+mod messaging;
 pub mod net;
 mod scripts;
 mod services;
@@ -25,6 +26,7 @@ use mlua::{
 };
 
 pub use instance::{Instance, Tree};
+pub use messaging::MessagingLink;
 pub use rbx_dom_weak::types::Ref;
 pub use services::{GameState, ServerIdentity};
 
@@ -117,6 +119,17 @@ impl Engine {
         let thread = self.lua.create_thread(chunk)?;
         self.scheduler.spawn(thread.clone(), MultiValue::new())?;
         Ok(thread)
+    }
+
+    /// Connects `MessagingService` to the other servers of the universe through `link`.
+    /// Without it, the service exists but has no members.
+    pub fn connect_messaging(&self, link: MessagingLink) -> Result<(), EngineError> {
+        let service = self
+            .lua
+            .create_userdata(messaging::MessagingService::new(link))?;
+        GameState::of(&self.lua).provide_service("MessagingService", service.clone());
+        messaging::drive(service, &self.scheduler);
+        Ok(())
     }
 
     /// Mounts `place` into the tree and starts its server Scripts (those in

@@ -273,10 +273,19 @@ fn variant_json(tree: &Tree, value: &Variant) -> serde_json::Value {
         Variant::Bool(b) => serde_json::Value::from(*b),
         Variant::Int64(n) => serde_json::Value::from(*n),
         Variant::Int32(n) => serde_json::Value::from(*n),
-        Variant::Float64(n) => serde_json::Value::from(*n),
-        Variant::Float32(n) => serde_json::Value::from(f64::from(*n)),
+        Variant::Float64(n) => number_json(*n),
+        Variant::Float32(n) => number_json(f64::from(*n)),
         Variant::Ref(r) if r.is_some() => serde_json::json!({ "$instance": tree.full_name(*r) }),
         _ => serde_json::Value::Null,
+    }
+}
+
+/// A Luau number as JSON: integers without a fraction, as Luau prints them.
+fn number_json(n: f64) -> serde_json::Value {
+    if n.fract() == 0.0 && n.abs() <= 9_007_199_254_740_992.0 {
+        serde_json::Value::from(n as i64)
+    } else {
+        serde_json::Value::from(n)
     }
 }
 

@@ -106,6 +106,12 @@ impl GameState {
             .expect("the engine installs a GameState in every VM")
     }
 
+    /// Makes `service` what `GetService(name)` returns (a host service the engine was
+    /// given, such as a connected MessagingService).
+    pub fn provide_service(&self, name: &'static str, service: AnyUserData) {
+        self.host_services.borrow_mut().insert(name, service);
+    }
+
     /// `game.JobId`.
     pub fn job_id(&self) -> &str {
         &self.identity.job_id

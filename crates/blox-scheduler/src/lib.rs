@@ -502,3 +502,30 @@ impl std::fmt::Debug for Scheduler {
             .finish_non_exhaustive()
     }
 }
+
+/// Completes on its second poll: awaiting it yields the calling Luau thread once and resumes
+/// it in the same resumption cycle. Every DataStore and MessagingService call yields at least
+/// once this way, even when its answer is ready at once, as on Roblox (libraries connect to
+/// their own signals after such a call and would hang if it returned without yielding).
+pub fn yield_now() -> impl Future<Output = ()> {
+    YieldNow(false)
+}
+
+struct YieldNow(bool);
+
+impl Future for YieldNow {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.0 {
+            std::task::Poll::Ready(())
+        } else {
+            self.0 = true;
+            context.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    }
+}

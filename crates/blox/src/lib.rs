@@ -14,7 +14,7 @@ use std::time::Duration;
 use blox_datastore::backend::{self, Backend, BackendError, OpenOptions};
 use blox_datastore::budget::Throttling;
 use blox_datastore::{DataStoreContext, operations};
-use blox_engine::{CLOSE_DEADLINE, Engine, EngineError, ServerIdentity};
+use blox_engine::{CLOSE_DEADLINE, Engine, EngineError, MessagingLink, ServerIdentity};
 use blox_place::Place;
 
 mod serve;
@@ -34,6 +34,9 @@ pub enum HostError {
     /// The Luau VM could not be set up, or the script does not compile.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// The MessagingService bus could not be opened.
+    #[error(transparent)]
+    Messaging(#[from] blox_messaging::BusError),
 }
 
 /// How a script run ended.
@@ -52,6 +55,7 @@ pub struct Host {
     database: tokio::runtime::Runtime,
     backend: Arc<dyn Backend>,
     throttling: Throttling,
+    url: String,
 }
 
 impl std::fmt::Debug for Host {
@@ -77,6 +81,7 @@ impl Host {
             database,
             backend,
             throttling: Throttling::default(),
+            url: url.to_owned(),
         })
     }
 
@@ -104,6 +109,7 @@ impl Host {
         place: &Place,
         stop: impl Future<Output = ()>,
     ) -> Result<ScriptOutcome, HostError> {
+        let messaging = self.messaging(identity.game_id)?;
         let vm = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -115,6 +121,7 @@ impl Host {
                 self.throttling,
             );
             let engine = Engine::new(identity, context, Rc::new(RealClock::new()))?;
+            engine.connect_messaging(messaging)?;
             let scripts = engine.load_place(place)?;
             engine.scheduler().run_until(engine.lua(), stop).await;
             engine.close(CLOSE_DEADLINE).await?;
@@ -144,6 +151,7 @@ impl Host {
             identity.job_id.clone(),
             page,
         )?);
+        let messaging = self.messaging(identity.game_id)?;
         let vm = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -155,6 +163,7 @@ impl Host {
                 self.throttling,
             );
             let engine = Engine::new(identity, context, Rc::new(RealClock::new()))?;
+            engine.connect_messaging(messaging)?;
             endpoint.attach(engine.lua(), engine.scheduler());
             let scripts = engine.load_place(place)?;
             engine.scheduler().serve_until(engine.lua(), stop).await;
@@ -168,6 +177,19 @@ impl Host {
         });
         endpoint.shut_down();
         outcome
+    }
+
+    /// Opens the MessagingService bus of `universe` on the host's database.
+    fn messaging(&self, universe: i64) -> Result<MessagingLink, HostError> {
+        let (bus, inbox) = self
+            .database
+            .block_on(blox_messaging::open(&self.url, universe))?;
+        Ok(MessagingLink {
+            bus,
+            inbox,
+            runtime: self.database.handle().clone(),
+            universe,
+        })
     }
 
     /// Lets in-flight database work finish (up to `deadline`) and closes the runtime.

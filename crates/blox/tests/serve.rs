@@ -1,7 +1,8 @@
 //! `blox serve` end to end, as separate processes: the tycoon example served over HTTP and
 //! WebSocket, players joining, earning and buying, leaving and rejoining, and the server
-//! restarting (SIGTERM, then a new process) without losing anything. Runs on SQLite and on
-//! PostgreSQL.
+//! restarting (SIGTERM, then a new process) without losing anything; and two servers of one
+//! game on one database, with messages and player data crossing between them. Runs on SQLite
+//! and on PostgreSQL.
 
 use std::io::{BufRead as _, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -21,10 +22,16 @@ struct Server {
 
 impl Server {
     fn start(url: &str) -> Server {
-        let tycoon = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/tycoon");
+        Server::start_game(url, "examples/tycoon")
+    }
+
+    fn start_game(url: &str, game: &str) -> Server {
+        let game = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(game);
         let mut child = Command::new(env!("CARGO_BIN_EXE_blox"))
             .arg("serve")
-            .arg(&tycoon)
+            .arg(&game)
             .args(["--listen", "127.0.0.1:0"])
             .env("BLOX_DATABASE_URL", url)
             .env("BLOX_GAME_ID", "77")
@@ -180,4 +187,102 @@ async fn sqlite_tycoon_survives_leaving_and_restarts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_tycoon_survives_leaving_and_restarts() {
     play(TestDatabase::Postgres).await;
+}
+
+/// The next message of `kind`, skipping others.
+async fn next_of(socket: &mut Socket, kind: &str) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let message = tokio::time::timeout_at(deadline, socket.next())
+            .await
+            .unwrap_or_else(|_| panic!("a {kind} message arrives in time"))
+            .expect("the socket stays open")
+            .expect("a message");
+        let Message::Text(text) = message else {
+            continue;
+        };
+        let data: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+        if data["type"] == kind {
+            return data;
+        }
+    }
+}
+
+async fn fire(socket: &mut Socket, remote: &str, args: serde_json::Value) {
+    let message = serde_json::json!({ "type": "FireServer", "remote": remote, "args": args });
+    socket
+        .send(Message::Text(message.to_string().into()))
+        .await
+        .expect("sends");
+}
+
+async fn two_servers(database: TestDatabase) {
+    let scratch = Scratch::new(database, "serve_two_servers");
+    let first = Server::start_game(&scratch.url, "tests/projects/crossserver");
+    let second = Server::start_game(&scratch.url, "tests/projects/crossserver");
+
+    let mut alice = join(&first, 1).await;
+    let mut bob = join(&second, 2).await;
+    let alice_state = state_where(&mut alice, |_| true).await;
+    let bob_state = state_where(&mut bob, |_| true).await;
+    let (first_job, second_job) = (
+        alice_state["attributes"]["JobId"].clone(),
+        bob_state["attributes"]["JobId"].clone(),
+    );
+    assert!(
+        first_job.is_string() && first_job != second_job,
+        "each server has its own JobId"
+    );
+
+    // Chat published on the first server reaches clients of both.
+    fire(
+        &mut alice,
+        "ReplicatedStorage.Remotes.Say",
+        serde_json::json!(["hello"]),
+    )
+    .await;
+    for socket in [&mut bob, &mut alice] {
+        let heard = next_of(socket, "OnClientEvent").await;
+        assert_eq!(heard["remote"], "ReplicatedStorage.Remotes.Heard");
+        assert_eq!(
+            heard["args"],
+            serde_json::json!(["player1", "hello", first_job])
+        );
+    }
+
+    // Coins earned on the first server are there when the player moves to the second.
+    fire(
+        &mut alice,
+        "ReplicatedStorage.Remotes.Earn",
+        serde_json::json!([]),
+    )
+    .await;
+    fire(
+        &mut alice,
+        "ReplicatedStorage.Remotes.Earn",
+        serde_json::json!([]),
+    )
+    .await;
+    state_where(&mut alice, |s| s["attributes"]["Coins"] == 2).await;
+    alice.close(None).await.unwrap();
+    drop(alice);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut alice = join(&second, 1).await;
+    let moved = state_where(&mut alice, |_| true).await;
+    assert_eq!(moved["attributes"]["Coins"], 2);
+    assert_eq!(moved["attributes"]["JobId"], second_job);
+    drop(alice);
+    drop(bob);
+    first.stop();
+    second.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_two_servers_share_messages_and_data() {
+    two_servers(TestDatabase::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_two_servers_share_messages_and_data() {
+    two_servers(TestDatabase::Postgres).await;
 }
