@@ -50,6 +50,16 @@ pub struct ScriptOutcome {
     pub scripts_started: usize,
 }
 
+impl ScriptOutcome {
+    fn of(engine: &Engine, scripts: &[mlua::Thread]) -> Self {
+        Self {
+            main_error: scripts.iter().find_map(|script| engine.failure_of(script)),
+            thread_errors: engine.scheduler().errors(),
+            scripts_started: scripts.len(),
+        }
+    }
+}
+
 /// An open database and the runtime that serves it.
 pub struct Host {
     database: tokio::runtime::Runtime,
@@ -114,22 +124,11 @@ impl Host {
             .enable_all()
             .build()?;
         vm.block_on(async {
-            let context = DataStoreContext::new(
-                Arc::clone(&self.backend),
-                self.database.handle().clone(),
-                identity.game_id,
-                self.throttling,
-            );
-            let engine = Engine::new(identity, context, Rc::new(RealClock::new()))?;
-            engine.connect_messaging(messaging)?;
+            let engine = self.engine(identity, messaging)?;
             let scripts = engine.load_place(place)?;
             engine.scheduler().run_until(engine.lua(), stop).await;
             engine.close(CLOSE_DEADLINE).await?;
-            Ok(ScriptOutcome {
-                main_error: scripts.iter().find_map(|script| engine.failure_of(script)),
-                thread_errors: engine.scheduler().errors(),
-                scripts_started: scripts.len(),
-            })
+            Ok(ScriptOutcome::of(&engine, &scripts))
         })
     }
 
@@ -156,27 +155,33 @@ impl Host {
             .enable_all()
             .build()?;
         let outcome = vm.block_on(async {
-            let context = DataStoreContext::new(
-                Arc::clone(&self.backend),
-                self.database.handle().clone(),
-                identity.game_id,
-                self.throttling,
-            );
-            let engine = Engine::new(identity, context, Rc::new(RealClock::new()))?;
-            engine.connect_messaging(messaging)?;
+            let engine = self.engine(identity, messaging)?;
             endpoint.attach(engine.lua(), engine.scheduler());
             let scripts = engine.load_place(place)?;
             engine.scheduler().serve_until(engine.lua(), stop).await;
             endpoint.stop_accepting();
             engine.close(CLOSE_DEADLINE).await?;
-            Ok::<_, HostError>(ScriptOutcome {
-                main_error: scripts.iter().find_map(|script| engine.failure_of(script)),
-                thread_errors: engine.scheduler().errors(),
-                scripts_started: scripts.len(),
-            })
+            Ok::<_, HostError>(ScriptOutcome::of(&engine, &scripts))
         });
         endpoint.shut_down();
         outcome
+    }
+
+    /// A VM for the server `identity` on the host's database and message bus.
+    fn engine(
+        &self,
+        identity: ServerIdentity,
+        messaging: MessagingLink,
+    ) -> Result<Engine, HostError> {
+        let context = DataStoreContext::new(
+            Arc::clone(&self.backend),
+            self.database.handle().clone(),
+            identity.game_id,
+            self.throttling,
+        );
+        let engine = Engine::new(identity, context, Rc::new(RealClock::new()))?;
+        engine.connect_messaging(messaging)?;
+        Ok(engine)
     }
 
     /// Opens the MessagingService bus of `universe` on the host's database.

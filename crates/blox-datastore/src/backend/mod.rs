@@ -755,19 +755,13 @@ macro_rules! sql_backend {
                 key: &$crate::backend::EntryKey,
                 seq: i64,
             ) -> Result<Option<$crate::backend::Entry>, $crate::backend::BackendError> {
-                let latest = self.read(key).await?;
-                if let Some(entry) = latest.filter(|entry| entry.version.seq == seq) {
-                    return Ok(Some(entry));
-                }
-                let query = sqlx::query::<$db>($statements.read_version);
-                let row = $crate::backend::bind_key(query, key)
-                    .bind(seq)
-                    .fetch_optional(&self.$read)
-                    .await?;
-                Ok(row
-                    .as_ref()
-                    .map($crate::backend::entry_from_row)
-                    .transpose()?)
+                self.latest_or_retained(
+                    key,
+                    |latest| latest.version.seq == seq,
+                    $statements.read_version,
+                    seq,
+                )
+                .await
             }
 
             async fn read_version_at(
@@ -775,19 +769,13 @@ macro_rules! sql_backend {
                 key: &$crate::backend::EntryKey,
                 at_ms: i64,
             ) -> Result<Option<$crate::backend::Entry>, $crate::backend::BackendError> {
-                let latest = self.read(key).await?;
-                if let Some(entry) = latest.filter(|entry| entry.version.updated_ms <= at_ms) {
-                    return Ok(Some(entry));
-                }
-                let query = sqlx::query::<$db>($statements.read_version_at);
-                let row = $crate::backend::bind_key(query, key)
-                    .bind(at_ms)
-                    .fetch_optional(&self.$read)
-                    .await?;
-                Ok(row
-                    .as_ref()
-                    .map($crate::backend::entry_from_row)
-                    .transpose()?)
+                self.latest_or_retained(
+                    key,
+                    |latest| latest.version.updated_ms <= at_ms,
+                    $statements.read_version_at,
+                    at_ms,
+                )
+                .await
             }
 
             async fn list_versions(
@@ -905,6 +893,32 @@ macro_rules! sql_backend {
                     .execute(&self.$write)
                     .await?;
                 Ok(versions.rows_affected() + tombstones.rows_affected())
+            }
+        }
+
+        impl $backend {
+            /// The latest version of `key` if `wanted` picks it, else the retained version
+            /// `statement` selects with `argument` (a sequence or a time).
+            async fn latest_or_retained(
+                &self,
+                key: &$crate::backend::EntryKey,
+                wanted: impl Fn(&$crate::backend::Entry) -> bool + Send,
+                statement: &'static str,
+                argument: i64,
+            ) -> Result<Option<$crate::backend::Entry>, $crate::backend::BackendError> {
+                let latest = $crate::backend::Backend::read(self, key).await?;
+                if let Some(entry) = latest.filter(|entry| wanted(entry)) {
+                    return Ok(Some(entry));
+                }
+                let query = sqlx::query::<$db>(statement);
+                let row = $crate::backend::bind_key(query, key)
+                    .bind(argument)
+                    .fetch_optional(&self.$read)
+                    .await?;
+                Ok(row
+                    .as_ref()
+                    .map($crate::backend::entry_from_row)
+                    .transpose()?)
             }
         }
     };
