@@ -137,6 +137,8 @@ impl Engine {
     pub fn load_place(&self, place: &blox_place::Place) -> Result<Vec<Thread>, EngineError> {
         let tree = Tree::of(&self.lua);
         tree.mount(&place.dom);
+        self.lua
+            .set_app_data(scripts::Aliases(place.aliases.iter().cloned().collect()));
         let mut threads = Vec::new();
         for script in scripts::server_scripts(&tree) {
             let chunk_name = if place.single_script {

@@ -116,8 +116,12 @@ fn require_for(lua: &Lua, requirer: Ref) -> mlua::Result<Function> {
     })
 }
 
+/// The `.luaurc` aliases of the loaded place: alias name to the names leading from `game`.
+pub struct Aliases(pub HashMap<String, Vec<String>>);
+
 /// Finds the ModuleScript a string require names, relative to `requirer`: `./` starts at its
-/// parent, `../` one level up, `@self/` at the script itself.
+/// parent, `../` one level up, `@self/` at the script itself, `@Alias/` at the instance a
+/// `.luaurc` alias names.
 fn resolve(lua: &Lua, requirer: Ref, path: &str) -> mlua::Result<Ref> {
     let tree = Tree::of(lua);
     let not_found = || {
@@ -131,9 +135,24 @@ fn resolve(lua: &Lua, requirer: Ref, path: &str) -> mlua::Result<Ref> {
         (tree.parent(requirer), rest)
     } else if path.starts_with("../") {
         (tree.parent(requirer), path)
+    } else if let Some(aliased) = path.strip_prefix('@') {
+        let (alias, rest) = aliased.split_once('/').unwrap_or((aliased, ""));
+        let names = lua
+            .app_data_ref::<Aliases>()
+            .and_then(|aliases| aliases.0.get(alias).cloned())
+            .ok_or_else(|| {
+                error(format!(
+                    "Attempted to require \"{path}\": no alias named @{alias}"
+                ))
+            })?;
+        let start = names
+            .iter()
+            .try_fold(tree.game(), |at, name| tree.find_child(at, name))
+            .ok_or_else(not_found)?;
+        (start, rest)
     } else {
         return Err(error(format!(
-            "Attempted to require \"{path}\": paths must start with ./, ../ or @self/"
+            "Attempted to require \"{path}\": paths must start with ./, ../, @self/ or an @alias/"
         )));
     };
     for segment in rest.split('/').filter(|segment| !segment.is_empty()) {

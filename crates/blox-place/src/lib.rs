@@ -59,6 +59,9 @@ pub struct Place {
     pub name: String,
     /// True when the place is a single script file, whose errors name the file.
     pub single_script: bool,
+    /// The project's `.luaurc` aliases for string requires (`require("@Shared/Util")`), each
+    /// as the names leading from `game` to the instance its folder became.
+    pub aliases: Vec<(String, Vec<String>)>,
 }
 
 /// Loads the game at `path`: a `.luau`/`.lua` file, a `*.project.json`, or a folder with a
@@ -96,6 +99,7 @@ pub fn load(path: &Path) -> Result<Place, PlaceError> {
             dom,
             name,
             single_script: true,
+            aliases: Vec::new(),
         });
     }
     Err(PlaceError::UnknownKind(path.to_owned()))
@@ -120,6 +124,7 @@ fn load_place_file(path: &Path, name: String) -> Result<Place, PlaceError> {
         dom,
         name,
         single_script: false,
+        aliases: Vec::new(),
     })
 }
 
@@ -145,15 +150,62 @@ fn load_project(path: &Path) -> Result<Place, PlaceError> {
         return Err(invalid("no \"tree\" object".to_owned()));
     };
     let base = path.parent().unwrap_or(Path::new("."));
-    let root = node(base, "Game", tree).map_err(|reason| match reason {
+    let mut mounts = Vec::new();
+    let root = node(base, &[], "Game", tree, &mut mounts).map_err(|reason| match reason {
         NodeError::Io(error) => error,
         NodeError::Invalid(reason) => invalid(reason),
     })?;
+    let aliases = aliases(base, &mounts)?;
     Ok(Place {
         dom: WeakDom::new(root.with_class("DataModel").with_name("Game")),
         name,
         single_script: false,
+        aliases,
     })
+}
+
+/// Where each `$path` of a project went: the file or folder, and the names from `game` to the
+/// instance made from it.
+type Mounts = Vec<(PathBuf, Vec<String>)>;
+
+/// The aliases of the `.luaurc` beside the project, each turned from a folder into the
+/// instance that folder became. Aliases to folders outside every `$path` are left out.
+fn aliases(base: &Path, mounts: &Mounts) -> Result<Vec<(String, Vec<String>)>, PlaceError> {
+    let path = base.join(".luaurc");
+    if !path.is_file() {
+        return Ok(Vec::new());
+    }
+    let config: Json = serde_json::from_str(&read(&path)?).map_err(|e| PlaceError::Project {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    let mut found = Vec::new();
+    let Some(aliases) = config.get("aliases").and_then(Json::as_object) else {
+        return Ok(found);
+    };
+    for (alias, target) in aliases {
+        let Some(target) = target.as_str() else {
+            continue;
+        };
+        let Ok(target) = base.join(target).canonicalize() else {
+            continue;
+        };
+        for (mount, instance) in mounts {
+            let Ok(mount) = mount.canonicalize() else {
+                continue;
+            };
+            if let Ok(rest) = target.strip_prefix(&mount) {
+                let mut names = instance.clone();
+                names.extend(rest.components().map(|c| {
+                    let name = c.as_os_str().to_string_lossy();
+                    script_kind(&name).map_or(name.to_string(), |(_, stem)| stem.to_owned())
+                }));
+                found.push((alias.clone(), names));
+                break;
+            }
+        }
+    }
+    Ok(found)
 }
 
 enum NodeError {
@@ -168,10 +220,24 @@ impl From<PlaceError> for NodeError {
 }
 
 /// One node of a project tree: `$className`, `$path`, `$properties`, `$attributes`, and the
-/// other keys as children.
-fn node(base: &Path, name: &str, json: &Map<String, Json>) -> Result<InstanceBuilder, NodeError> {
+/// other keys as children. `parents` are the names from `game` down to the node's parent.
+fn node(
+    base: &Path,
+    parents: &[String],
+    name: &str,
+    json: &Map<String, Json>,
+    mounts: &mut Mounts,
+) -> Result<InstanceBuilder, NodeError> {
+    let here: Vec<String> = if parents.is_empty() && name == "Game" {
+        Vec::new()
+    } else {
+        parents.iter().cloned().chain([name.to_owned()]).collect()
+    };
     let mut builder = match json.get("$path").and_then(Json::as_str) {
-        Some(relative) => from_path(&base.join(relative), name)?,
+        Some(relative) => {
+            mounts.push((base.join(relative), here.clone()));
+            from_path(&base.join(relative), name)?
+        }
         None => {
             let class = json
                 .get("$className")
@@ -215,7 +281,7 @@ fn node(base: &Path, name: &str, json: &Map<String, Json>) -> Result<InstanceBui
                 "{name}.{child} is not an object"
             )));
         };
-        builder = builder.with_child(node(base, child, child_json)?);
+        builder = builder.with_child(node(base, &here, child, child_json, mounts)?);
     }
     Ok(builder)
 }
@@ -385,8 +451,22 @@ mod tests {
         write(root, "src/shared/Util/Child.lua", "return 2");
         write(root, "src/shared/Notes.txt", "hello");
         write(root, "src/shared/.hidden.luau", "return 3");
+        write(
+            root,
+            ".luaurc",
+            r#"{ "aliases": { "Shared": "./src/shared", "Util": "src/shared/Util", "Nowhere": "elsewhere" } }"#,
+        );
 
         let place = load(root).unwrap();
+        let shared = ["ReplicatedStorage", "Shared"].map(String::from).to_vec();
+        let util = ["ReplicatedStorage", "Shared", "Util"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(
+            place.aliases,
+            [("Shared".to_owned(), shared), ("Util".to_owned(), util)],
+            "aliases point at the instances their folders became; unknown folders are left out"
+        );
         assert_eq!(place.name, "Tycoon");
         assert!(!place.single_script);
         let dom = &place.dom;
