@@ -7,6 +7,10 @@
 //! userdata that stands for it. One userdata per instance keeps `==` and table keys working
 //! (`data[player] = ...`), as Roblox scripts expect.
 //!
+//! That userdata is held weakly: when Luau has collected the userdata of every instance of a
+//! parentless subtree (a Player after leaving, a part a script created and dropped), the
+//! subtree leaves the tree too, so a long-running server does not grow with every join.
+//!
 //! Every instance is the same userdata type, [`Instance`]; what a class adds (a `Value`, an
 //! `Event`, `GetPlayers`) is looked up by class name when a member is read, so classes stay
 //! data, not types. Parent changes fire Roblox's events in Roblox's order: `DescendantRemoving`
@@ -124,7 +128,10 @@ pub struct Tree {
     dom: RefCell<WeakDom>,
     game: Ref,
     extras: RefCell<HashMap<Ref, Rc<Extras>>>,
-    handles: RefCell<HashMap<Ref, AnyUserData>>,
+    /// The userdata of each instance, by `Ref`, in a weak-valued Luau table.
+    handles: mlua::Table,
+    /// Instances whose userdata Luau has collected since the last sweep.
+    collected: Rc<RefCell<Vec<Ref>>>,
     destroyed: RefCell<HashSet<Ref>>,
     /// Class-specific methods, created once per VM.
     methods: RefCell<HashMap<&'static str, Function>>,
@@ -144,22 +151,27 @@ fn runtime_error(message: String) -> mlua::Error {
 impl Tree {
     /// A tree holding only `game` (a DataModel named "Game") with `services` under it, and
     /// installed as the VM's tree.
-    pub fn install(lua: &Lua, services: &[&str]) -> Rc<Tree> {
+    pub fn install(lua: &Lua, services: &[&str]) -> mlua::Result<Rc<Tree>> {
         let mut dom = WeakDom::new(InstanceBuilder::new("DataModel").with_name("Game"));
         let game = dom.root_ref();
         for service in services {
             dom.insert(game, InstanceBuilder::new(*service).with_name(*service));
         }
+        let handles = lua.create_table()?;
+        let weak_values = lua.create_table()?;
+        weak_values.raw_set("__mode", "v")?;
+        handles.set_metatable(Some(weak_values))?;
         let tree = Rc::new(Tree {
             dom: RefCell::new(dom),
             game,
             extras: RefCell::default(),
-            handles: RefCell::default(),
+            handles,
+            collected: Rc::default(),
             destroyed: RefCell::default(),
             methods: RefCell::default(),
         });
         lua.set_app_data(Rc::clone(&tree));
-        tree
+        Ok(tree)
     }
 
     /// The tree of `lua`'s VM.
@@ -199,12 +211,56 @@ impl Tree {
 
     /// The userdata that stands for `instance`, the same one every time.
     pub fn handle(&self, lua: &Lua, instance: Ref) -> mlua::Result<AnyUserData> {
-        if let Some(handle) = self.handles.borrow().get(&instance) {
-            return Ok(handle.clone());
+        let key = instance.to_string();
+        if let Some(handle) = self.handles.raw_get::<Option<AnyUserData>>(key.as_str())? {
+            return Ok(handle);
         }
-        let handle = lua.create_userdata(Instance(instance))?;
-        self.handles.borrow_mut().insert(instance, handle.clone());
+        let handle = lua.create_userdata(Instance {
+            instance,
+            collected: Rc::clone(&self.collected),
+        })?;
+        self.handles.raw_set(key, &handle)?;
         Ok(handle)
+    }
+
+    /// Whether Luau still holds the userdata of `instance`.
+    fn has_handle(&self, instance: Ref) -> bool {
+        self.handles
+            .raw_get::<Option<AnyUserData>>(instance.to_string())
+            .ok()
+            .flatten()
+            .is_some()
+    }
+
+    /// Removes the parentless subtrees that no Luau code can reach any more: those whose
+    /// instances' userdata have all been collected.
+    pub fn sweep(&self) {
+        let collected = std::mem::take(&mut *self.collected.borrow_mut());
+        for instance in collected {
+            if self.dom.borrow().get_by_ref(instance).is_none() {
+                continue;
+            }
+            let root = self.ancestors(instance).last().copied().unwrap_or(instance);
+            if root == self.game || self.parent(root).is_some() {
+                continue;
+            }
+            let subtree: Vec<Ref> = std::iter::once(root).chain(self.descendants(root)).collect();
+            if subtree.iter().any(|each| self.has_handle(*each)) {
+                continue;
+            }
+            self.dom.borrow_mut().destroy(root);
+            let mut extras = self.extras.borrow_mut();
+            let mut destroyed = self.destroyed.borrow_mut();
+            for each in subtree {
+                extras.remove(&each);
+                destroyed.remove(&each);
+            }
+        }
+    }
+
+    /// How many instances the tree holds, `game` included (never empty).
+    pub fn instance_count(&self) -> usize {
+        self.dom.borrow().descendants().count()
     }
 
     /// `instance` as a Luau value; nil for the none Ref.
@@ -582,7 +638,7 @@ impl Tree {
         }
         let function =
             lua.create_function(move |lua, (this, args): (AnyUserData, MultiValue)| {
-                let instance = this.borrow::<Instance>()?.0;
+                let instance = this.borrow::<Instance>()?.instance;
                 body(lua, instance, args)
             })?;
         self.methods.borrow_mut().insert(name, function.clone());
@@ -617,16 +673,34 @@ pub type MemberHook = Rc<dyn Fn(&Lua, Ref, &str, &str) -> mlua::Result<Option<Va
 /// The engine's class-specific member lookup, kept in the VM's app data.
 pub struct Members(pub MemberHook);
 
-/// The userdata of one instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Instance(pub Ref);
+/// The userdata of one instance. When Luau collects it, the instance is noted for the next
+/// [`Tree::sweep`].
+pub struct Instance {
+    instance: Ref,
+    collected: Rc<RefCell<Vec<Ref>>>,
+}
 
 impl Instance {
+    /// The instance this userdata stands for.
+    pub fn instance(&self) -> Ref {
+        self.instance
+    }
+
     /// The instance a Luau value stands for, if it is one.
     pub fn from_value(value: &Value) -> Option<Ref> {
         match value {
-            Value::UserData(userdata) => userdata.borrow::<Instance>().ok().map(|i| i.0),
+            Value::UserData(userdata) => userdata.borrow::<Instance>().ok().map(|i| i.instance),
             _ => None,
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        // Luau may collect during any allocation, even while the tree is borrowed: only note
+        // it here; the sweep does the work.
+        if let Ok(mut collected) = self.collected.try_borrow_mut() {
+            collected.push(self.instance);
         }
     }
 }
@@ -650,30 +724,30 @@ impl UserData for Instance {
 
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
         methods.add_meta_method(MetaMethod::ToString, |lua, this, ()| {
-            Ok(Tree::of(lua).name(this.0))
+            Ok(Tree::of(lua).name(this.instance))
         });
         methods.add_meta_method(MetaMethod::Index, |lua, this, member: String| {
-            index(lua, this.0, &member)
+            index(lua, this.instance, &member)
         });
         methods.add_meta_method(
             MetaMethod::NewIndex,
-            |lua, this, (member, value): (String, Value)| new_index(lua, this.0, &member, value),
+            |lua, this, (member, value): (String, Value)| new_index(lua, this.instance, &member, value),
         );
         methods.add_method(
             "FindFirstChild",
             |lua, this, (name, recursive): (String, Option<bool>)| {
                 let tree = Tree::of(lua);
                 let found = if recursive.unwrap_or(false) {
-                    tree.first_where(tree.descendants(this.0), |i| i.name == name)
+                    tree.first_where(tree.descendants(this.instance), |i| i.name == name)
                 } else {
-                    tree.find_child(this.0, &name)
+                    tree.find_child(this.instance, &name)
                 };
                 tree.value(lua, found.unwrap_or_else(Ref::none))
             },
         );
         methods.add_method("FindFirstChildOfClass", |lua, this, class: String| {
             let tree = Tree::of(lua);
-            let found = tree.first_where(tree.children(this.0), |i| i.class == class.as_str());
+            let found = tree.first_where(tree.children(this.instance), |i| i.class == class.as_str());
             tree.value(lua, found.unwrap_or_else(Ref::none))
         });
         methods.add_method(
@@ -681,9 +755,9 @@ impl UserData for Instance {
             |lua, this, (class, recursive): (String, Option<bool>)| {
                 let tree = Tree::of(lua);
                 let candidates = if recursive.unwrap_or(false) {
-                    tree.descendants(this.0)
+                    tree.descendants(this.instance)
                 } else {
-                    tree.children(this.0)
+                    tree.children(this.instance)
                 };
                 let found = tree.first_where(candidates, |i| class_is_a(&i.class, &class));
                 tree.value(lua, found.unwrap_or_else(Ref::none))
@@ -691,24 +765,24 @@ impl UserData for Instance {
         );
         methods.add_method("FindFirstAncestor", |lua, this, name: String| {
             let tree = Tree::of(lua);
-            let found = tree.first_where(tree.ancestors(this.0), |i| i.name == name);
+            let found = tree.first_where(tree.ancestors(this.instance), |i| i.name == name);
             tree.value(lua, found.unwrap_or_else(Ref::none))
         });
         methods.add_method("FindFirstAncestorOfClass", |lua, this, class: String| {
             let tree = Tree::of(lua);
-            let found = tree.first_where(tree.ancestors(this.0), |i| i.class == class.as_str());
+            let found = tree.first_where(tree.ancestors(this.instance), |i| i.class == class.as_str());
             tree.value(lua, found.unwrap_or_else(Ref::none))
         });
         methods.add_method("FindFirstAncestorWhichIsA", |lua, this, class: String| {
             let tree = Tree::of(lua);
-            let found = tree.first_where(tree.ancestors(this.0), |i| class_is_a(&i.class, &class));
+            let found = tree.first_where(tree.ancestors(this.instance), |i| class_is_a(&i.class, &class));
             tree.value(lua, found.unwrap_or_else(Ref::none))
         });
         methods.add_async_method(
             "WaitForChild",
             |lua, this, (name, timeout): (String, Option<f64>)| async move {
                 let tree = Tree::of(&lua);
-                let instance = this.0;
+                let instance = this.instance;
                 let scheduler = Scheduler::of(&lua);
                 let started = scheduler.now();
                 let mut warned = false;
@@ -735,7 +809,7 @@ impl UserData for Instance {
         );
         methods.add_method("GetChildren", |lua, this, ()| {
             let tree = Tree::of(lua);
-            let children = tree.children(this.0);
+            let children = tree.children(this.instance);
             lua.create_sequence_from(
                 children
                     .into_iter()
@@ -745,7 +819,7 @@ impl UserData for Instance {
         });
         methods.add_method("GetDescendants", |lua, this, ()| {
             let tree = Tree::of(lua);
-            let descendants = tree.descendants(this.0);
+            let descendants = tree.descendants(this.instance);
             lua.create_sequence_from(
                 descendants
                     .into_iter()
@@ -754,28 +828,28 @@ impl UserData for Instance {
             )
         });
         methods.add_method("IsA", |lua, this, class: String| {
-            Ok(class_is_a(&Tree::of(lua).class(this.0), &class))
+            Ok(class_is_a(&Tree::of(lua).class(this.instance), &class))
         });
         methods.add_method("IsDescendantOf", |lua, this, ancestor: Value| {
             let ancestor = instance_argument(&ancestor, 1, "IsDescendantOf")?;
-            Ok(Tree::of(lua).ancestors(this.0).contains(&ancestor))
+            Ok(Tree::of(lua).ancestors(this.instance).contains(&ancestor))
         });
         methods.add_method("IsAncestorOf", |lua, this, descendant: Value| {
             let descendant = instance_argument(&descendant, 1, "IsAncestorOf")?;
-            Ok(Tree::of(lua).ancestors(descendant).contains(&this.0))
+            Ok(Tree::of(lua).ancestors(descendant).contains(&this.instance))
         });
         methods.add_method("GetFullName", |lua, this, ()| {
-            Ok(Tree::of(lua).full_name(this.0))
+            Ok(Tree::of(lua).full_name(this.instance))
         });
         methods.add_method("Destroy", |lua, this, ()| {
-            Tree::of(lua).destroy(lua, this.0)
+            Tree::of(lua).destroy(lua, this.instance)
         });
         methods.add_method("Remove", |lua, this, ()| {
-            Tree::of(lua).set_parent(lua, this.0, Ref::none())
+            Tree::of(lua).set_parent(lua, this.instance, Ref::none())
         });
         methods.add_method("ClearAllChildren", |lua, this, ()| {
             let tree = Tree::of(lua);
-            for child in tree.children(this.0) {
+            for child in tree.children(this.instance) {
                 tree.destroy(lua, child)?;
             }
             Ok(())
@@ -783,34 +857,34 @@ impl UserData for Instance {
         methods.add_method("Clone", |lua, this, ()| {
             let tree = Tree::of(lua);
             let archivable = !matches!(
-                tree.property(this.0, "Archivable"),
+                tree.property(this.instance, "Archivable"),
                 Some(Variant::Bool(false))
             );
-            if !archivable || this.0 == tree.game {
+            if !archivable || this.instance == tree.game {
                 return Ok(Value::Nil);
             }
-            let copy = tree.dom.borrow_mut().clone_within(this.0);
+            let copy = tree.dom.borrow_mut().clone_within(this.instance);
             tree.value(lua, copy)
         });
         methods.add_method("GetAttribute", |lua, this, name: String| {
-            Tree::of(lua).attribute(lua, this.0, &name)
+            Tree::of(lua).attribute(lua, this.instance, &name)
         });
         methods.add_method(
             "SetAttribute",
             |lua, this, (name, value): (String, Value)| {
-                Tree::of(lua).set_attribute(lua, this.0, &name, value)
+                Tree::of(lua).set_attribute(lua, this.instance, &name, value)
             },
         );
         methods.add_method("GetAttributes", |lua, this, ()| {
             let tree = Tree::of(lua);
             let table = lua.create_table()?;
-            for (name, value) in tree.attributes(this.0).iter() {
+            for (name, value) in tree.attributes(this.instance).iter() {
                 table.raw_set(name.as_str(), tree.variant_to_lua(lua, value)?)?;
             }
             Ok(table)
         });
         methods.add_method("GetAttributeChangedSignal", |lua, this, name: String| {
-            let extras = Tree::of(lua).extras(this.0);
+            let extras = Tree::of(lua).extras(this.instance);
             let signal = extras
                 .attribute_signals
                 .borrow_mut()
@@ -821,12 +895,12 @@ impl UserData for Instance {
         });
         methods.add_method("GetPropertyChangedSignal", |lua, this, name: String| {
             let tree = Tree::of(lua);
-            if !has_property(&tree, this.0, &name) {
+            if !has_property(&tree, this.instance, &name) {
                 return Err(runtime_error(format!(
                     "{name} is not a valid property name."
                 )));
             }
-            let extras = tree.extras(this.0);
+            let extras = tree.extras(this.instance);
             let signal = extras
                 .property_signals
                 .borrow_mut()
@@ -980,7 +1054,7 @@ fn invoke_function(lua: &Lua, tree: &Tree) -> mlua::Result<Function> {
     }
     let function =
         lua.create_async_function(|lua, (this, args): (AnyUserData, MultiValue)| async move {
-            let instance = this.borrow::<Instance>()?.0;
+            let instance = this.borrow::<Instance>()?.instance;
             let callback = Tree::of(&lua).extras(instance).callback.borrow().clone();
             let Some(callback) = callback else {
                 return Err(runtime_error(

@@ -78,7 +78,12 @@ impl Engine {
         let lua = Lua::new_with(StdLib::ALL_SAFE, LuaOptions::default())?;
         let scheduler = Scheduler::attach(&lua, clock)?;
         scheduler.limit_execution_time(&lua, SCRIPT_TIMEOUT);
-        let tree = Tree::install(&lua, services::TREE_SERVICES);
+        let tree = Tree::install(&lua, services::TREE_SERVICES)?;
+        let sweeping = Rc::clone(&tree);
+        scheduler.on_frame(move |_, _| {
+            sweeping.sweep();
+            Ok(())
+        });
         let state = GameState::new(identity, datastore);
         lua.set_app_data(Rc::clone(&state));
         lua.set_app_data(instance::Members(Rc::new(services::class_members)));

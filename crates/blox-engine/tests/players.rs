@@ -177,3 +177,52 @@ fn closing_removes_players_then_waits_for_bind_to_close_only() {
         );
     });
 }
+
+#[test]
+fn players_who_left_and_dropped_instances_leave_the_tree() {
+    with_engine(async |engine| {
+        engine
+            .start_script(
+                "churn.server.luau",
+                br#"
+                game:GetService("Players").PlayerAdded:Connect(function(player)
+                    local leaderstats = Instance.new("Folder")
+                    leaderstats.Name = "leaderstats"
+                    Instance.new("IntValue", leaderstats).Name = "Money"
+                    leaderstats.Parent = player
+                end)
+                for i = 1, 100 do
+                    local scratch = Instance.new("Model")
+                    Instance.new("Folder", scratch)
+                end
+                shared.kept = Instance.new("Folder")
+                "#,
+            )
+            .unwrap();
+        engine.run_until_idle().await;
+        let tree = blox_engine::Tree::of(engine.lua());
+        let baseline = tree.instance_count();
+        for user_id in 1..=200 {
+            engine.add_player(user_id, "churn").unwrap();
+            engine.remove_player(user_id).unwrap();
+        }
+        engine.run_until_idle().await;
+        for _ in 0..3 {
+            engine.lua().gc_collect().unwrap();
+        }
+        tree.sweep();
+        assert!(
+            tree.instance_count() <= baseline,
+            "departed players and dropped instances are freed: {} instances now, {baseline} before",
+            tree.instance_count()
+        );
+        engine
+            .start_script(
+                "kept.server.luau",
+                br#"assert(shared.kept.ClassName == "Folder", "a referenced parentless instance stays")"#,
+            )
+            .unwrap();
+        engine.run_until_idle().await;
+        assert!(engine.scheduler().errors().is_empty(), "{:?}", engine.scheduler().errors());
+    });
+}
