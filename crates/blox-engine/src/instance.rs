@@ -244,7 +244,9 @@ impl Tree {
             if root == self.game || self.parent(root).is_some() {
                 continue;
             }
-            let subtree: Vec<Ref> = std::iter::once(root).chain(self.descendants(root)).collect();
+            let subtree: Vec<Ref> = std::iter::once(root)
+                .chain(self.descendants(root))
+                .collect();
             if subtree.iter().any(|each| self.has_handle(*each)) {
                 continue;
             }
@@ -731,7 +733,9 @@ impl UserData for Instance {
         });
         methods.add_meta_method(
             MetaMethod::NewIndex,
-            |lua, this, (member, value): (String, Value)| new_index(lua, this.instance, &member, value),
+            |lua, this, (member, value): (String, Value)| {
+                new_index(lua, this.instance, &member, value)
+            },
         );
         methods.add_method(
             "FindFirstChild",
@@ -747,7 +751,8 @@ impl UserData for Instance {
         );
         methods.add_method("FindFirstChildOfClass", |lua, this, class: String| {
             let tree = Tree::of(lua);
-            let found = tree.first_where(tree.children(this.instance), |i| i.class == class.as_str());
+            let found =
+                tree.first_where(tree.children(this.instance), |i| i.class == class.as_str());
             tree.value(lua, found.unwrap_or_else(Ref::none))
         });
         methods.add_method(
@@ -770,12 +775,15 @@ impl UserData for Instance {
         });
         methods.add_method("FindFirstAncestorOfClass", |lua, this, class: String| {
             let tree = Tree::of(lua);
-            let found = tree.first_where(tree.ancestors(this.instance), |i| i.class == class.as_str());
+            let found =
+                tree.first_where(tree.ancestors(this.instance), |i| i.class == class.as_str());
             tree.value(lua, found.unwrap_or_else(Ref::none))
         });
         methods.add_method("FindFirstAncestorWhichIsA", |lua, this, class: String| {
             let tree = Tree::of(lua);
-            let found = tree.first_where(tree.ancestors(this.instance), |i| class_is_a(&i.class, &class));
+            let found = tree.first_where(tree.ancestors(this.instance), |i| {
+                class_is_a(&i.class, &class)
+            });
             tree.value(lua, found.unwrap_or_else(Ref::none))
         });
         methods.add_async_method(

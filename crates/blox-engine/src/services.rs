@@ -84,7 +84,12 @@ pub struct GameState {
     close_callbacks: RefCell<Vec<Function>>,
     player_added: Signal,
     player_removing: Signal,
+    /// The `PlayerRemoving` handler threads of users who left, and when they left.
+    leaving: RefCell<HashMap<i64, (Vec<mlua::Thread>, Duration)>>,
 }
+
+/// How long a user's next session waits for the last one's `PlayerRemoving` handlers.
+const LEAVING_GRACE: Duration = Duration::from_secs(30);
 
 impl GameState {
     /// The state of a server with `identity`, storing data through `datastore`.
@@ -96,6 +101,7 @@ impl GameState {
             close_callbacks: RefCell::default(),
             player_added: Signal::default(),
             player_removing: Signal::default(),
+            leaving: RefCell::default(),
         })
     }
 
@@ -110,6 +116,28 @@ impl GameState {
     /// given, such as a connected MessagingService).
     pub fn provide_service(&self, name: &'static str, service: AnyUserData) {
         self.host_services.borrow_mut().insert(name, service);
+    }
+
+    /// Whether `user_id` may start a session: the `PlayerRemoving` handlers of their last
+    /// session here have finished (they save what the next session loads), or 30 seconds
+    /// have passed since it ended.
+    pub fn may_join(&self, lua: &Lua, user_id: i64) -> bool {
+        let mut leaving = self.leaving.borrow_mut();
+        let Some((threads, left)) = leaving.get(&user_id) else {
+            return true;
+        };
+        let finished = threads.iter().all(|thread| {
+            matches!(
+                thread.status(),
+                mlua::thread::ThreadStatus::Finished | mlua::thread::ThreadStatus::Error
+            )
+        });
+        let waited = Scheduler::of(lua).now().saturating_sub(*left);
+        if finished || waited >= LEAVING_GRACE {
+            leaving.remove(&user_id);
+            return true;
+        }
+        false
     }
 
     /// `game.JobId`.
@@ -311,9 +339,14 @@ pub fn remove_player(lua: &Lua, player: Ref) -> mlua::Result<()> {
         return Ok(());
     }
     let value = tree.handle(lua, player)?;
-    GameState::of(lua)
+    let state = GameState::of(lua);
+    let handlers = state
         .player_removing
-        .fire(lua, value.into_lua_multi(lua)?)?;
+        .fire_tracked(lua, value.into_lua_multi(lua)?)?;
+    if let Some(Variant::Int64(user_id)) = tree.property(player, "UserId") {
+        let now = Scheduler::of(lua).now();
+        state.leaving.borrow_mut().insert(user_id, (handlers, now));
+    }
     tree.set_parent(lua, player, Ref::none())
 }
 

@@ -223,6 +223,10 @@ fn players_who_left_and_dropped_instances_leave_the_tree() {
             )
             .unwrap();
         engine.run_until_idle().await;
-        assert!(engine.scheduler().errors().is_empty(), "{:?}", engine.scheduler().errors());
+        assert!(
+            engine.scheduler().errors().is_empty(),
+            "{:?}",
+            engine.scheduler().errors()
+        );
     });
 }

@@ -7,7 +7,9 @@
 use std::cell::RefCell;
 use std::rc::{Rc, Weak};
 
-use mlua::{Function, Lua, MetaMethod, MultiValue, UserData, UserDataFields, UserDataMethods};
+use mlua::{
+    Function, Lua, MetaMethod, MultiValue, Thread, UserData, UserDataFields, UserDataMethods,
+};
 use tokio::sync::oneshot;
 
 use crate::Scheduler;
@@ -39,6 +41,13 @@ impl Signal {
 
     /// Starts every connected handler with `args` and resumes every thread waiting on it.
     pub fn fire(&self, lua: &Lua, args: MultiValue) -> mlua::Result<()> {
+        self.fire_tracked(lua, args).map(drop)
+    }
+
+    /// Like [`Signal::fire`], and returns the handlers' threads, so the caller can tell when
+    /// they have all finished (a player's `PlayerRemoving` saves before the same user's next
+    /// session loads).
+    pub fn fire_tracked(&self, lua: &Lua, args: MultiValue) -> mlua::Result<Vec<Thread>> {
         let (handlers, waiters) = {
             let mut state = self.0.borrow_mut();
             let handlers: Vec<Function> = state.connections.iter().map(|c| c.1.clone()).collect();
@@ -46,13 +55,16 @@ impl Signal {
             (handlers, std::mem::take(&mut state.waiters))
         };
         let scheduler = Scheduler::of(lua);
+        let mut threads = Vec::with_capacity(handlers.len());
         for handler in handlers {
-            scheduler.spawn(lua.create_thread(handler)?, args.clone())?;
+            let thread = lua.create_thread(handler)?;
+            scheduler.spawn(thread.clone(), args.clone())?;
+            threads.push(thread);
         }
         for waiter in waiters {
             let _ = waiter.send(args.clone());
         }
-        Ok(())
+        Ok(threads)
     }
 
     /// True when at least one handler is connected or one thread waits.

@@ -132,6 +132,7 @@ impl Endpoint {
                 let Ok(inbound) = next else { break };
                 links.handle(lua, inbound)?;
             }
+            links.admit(lua)?;
             net::replicate(lua)?;
             endpoint
                 .players
@@ -155,6 +156,9 @@ impl Endpoint {
 #[derive(Default)]
 struct Links {
     connections: RefCell<HashMap<i64, (u64, mpsc::UnboundedSender<Outbound>)>>,
+    /// Users connected whose player waits for their last session's `PlayerRemoving`
+    /// handlers (see [`blox_engine::GameState::may_join`]).
+    waiting: RefCell<Vec<(i64, String)>>,
 }
 
 impl Links {
@@ -187,8 +191,11 @@ impl Links {
                 self.connections
                     .borrow_mut()
                     .insert(user_id, (connection, outbound));
-                tracing::info!(user_id, name, "player joined");
-                net::join(lua, user_id, &name)
+                self.waiting
+                    .borrow_mut()
+                    .retain(|(waiting, _)| *waiting != user_id);
+                self.waiting.borrow_mut().push((user_id, name));
+                self.admit(lua)
             }
             Inbound::Message {
                 user_id,
@@ -200,11 +207,36 @@ impl Links {
                 connection,
             } if self.current(user_id, connection) => {
                 self.connections.borrow_mut().remove(&user_id);
+                self.waiting
+                    .borrow_mut()
+                    .retain(|(waiting, _)| *waiting != user_id);
                 tracing::info!(user_id, "player left");
                 net::leave(lua, user_id)
             }
             _ => Ok(()),
         }
+    }
+}
+
+impl Links {
+    /// Turns the waiting users whose last session has finished saving into players.
+    fn admit(&self, lua: &mlua::Lua) -> mlua::Result<()> {
+        let state = blox_engine::GameState::of(lua);
+        let ready: Vec<(i64, String)> = {
+            let mut waiting = self.waiting.borrow_mut();
+            let (ready, still) = waiting
+                .drain(..)
+                .partition(|(user_id, _)| state.may_join(lua, *user_id));
+            *waiting = still;
+            ready
+        };
+        for (user_id, name) in ready {
+            if self.connections.borrow().contains_key(&user_id) {
+                tracing::info!(user_id, name, "player joined");
+                net::join(lua, user_id, &name)?;
+            }
+        }
+        Ok(())
     }
 }
 

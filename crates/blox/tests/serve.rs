@@ -155,9 +155,58 @@ async fn play(database: TestDatabase) {
     let earned = state_where(&mut socket, |s| stat(s, "Money") == 40).await;
     assert_eq!(stat(&earned, "RebirthCount"), 0);
 
+    // A RemoteFunction answers through InvokeServer.
+    let invoke = serde_json::json!({
+        "type": "InvokeServer",
+        "id": 7,
+        "remote": "ReplicatedStorage.Remotes.GetPrices",
+        "args": [],
+    });
+    socket
+        .send(Message::Text(invoke.to_string().into()))
+        .await
+        .unwrap();
+    let prices = next_of(&mut socket, "InvokeResult").await;
+    assert_eq!(prices["id"], 7);
+    assert_eq!(prices["ok"], true);
+    assert_eq!(prices["results"][0]["speed"], 200, "{prices}");
+    assert_eq!(prices["results"][0]["earn"], 20, "{prices}");
+
+    // Garbage is dropped without hurting the game.
+    socket
+        .send(Message::Text("{not json".into()))
+        .await
+        .unwrap();
+    let unknown =
+        serde_json::json!({ "type": "FireServer", "remote": "Nowhere.Remote", "args": [] });
+    socket
+        .send(Message::Text(unknown.to_string().into()))
+        .await
+        .unwrap();
+
+    // A second connection of the same user replaces the first, as a second Roblox login does.
+    let mut second = join(&server, 1001).await;
+    let kicked = next_of(&mut socket, "Kicked").await;
+    assert!(
+        kicked["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("Same account launched experience")),
+        "{kicked}"
+    );
+    let replaced = state_where(&mut second, |_| true).await;
+    assert_eq!(
+        stat(&replaced, "Money"),
+        40,
+        "saved when the first connection was replaced"
+    );
+    let socket = &mut second;
+    let rejected =
+        tokio_tungstenite::connect_async(format!("ws://{}/ws?userId=abc", server.address)).await;
+    assert!(rejected.is_err(), "a user id must be a positive integer");
+
     // Leave and come back: the data was saved on PlayerRemoving.
     socket.close(None).await.unwrap();
-    drop(socket);
+    drop(second);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut socket = join(&server, 1001).await;
     let back = state_where(&mut socket, |_| true).await;
