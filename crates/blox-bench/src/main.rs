@@ -621,6 +621,7 @@ where
                                 .bind("{}".to_owned())
                                 .bind(0_i64)
                                 .bind(false)
+                                .bind(false)
                                 .fetch_one(&writer)
                                 .await?;
                             let _: i64 = sqlx::Row::try_get(&row, 0)?;
@@ -641,6 +642,7 @@ where
                                 .bind(seq + 1)
                                 .bind(0_i64)
                                 .bind(0_i64)
+                                .bind(false)
                                 .bind(false)
                                 .execute(&writer)
                                 .await?;

@@ -70,7 +70,7 @@ impl OrderedDataStore {
         let use_cache = use_cache(&options)?;
         yield_once().await;
         match this.0.read_through(&lua, key, use_cache).await? {
-            Some((value, _)) => crate::codec::to_lua(&lua, &value),
+            Some(state) => crate::codec::to_lua(&lua, &state.0),
             None => Ok(Value::Nil),
         }
     }

@@ -374,7 +374,7 @@ pub struct DataStore {
     pub(crate) name: String,
     scope: String,
     all_scopes: bool,
-    cache: ReadCache<Option<(Stored, KeyInfo)>>,
+    cache: ReadCache<Option<Rc<(Stored, KeyInfo)>>>,
 }
 
 impl DataStore {
@@ -443,7 +443,7 @@ impl DataStore {
     }
 
     /// Records what the object now knows of `key`, fresh for the cache window.
-    fn remember(&self, lua: &Lua, key: &EntryKey, state: Option<(Stored, KeyInfo)>) {
+    fn remember(&self, lua: &Lua, key: &EntryKey, state: Option<Rc<(Stored, KeyInfo)>>) {
         let now = Scheduler::of(lua).now();
         self.cache.put(&key.scope, &key.key, state, now);
     }
@@ -456,7 +456,8 @@ impl DataStore {
         key: &EntryKey,
         state: Option<(Stored, KeyInfo)>,
     ) -> mlua::Result<()> {
-        self.context.notify_update(lua, key, state.as_ref())?;
+        let state = state.map(Rc::new);
+        self.context.notify_update(lua, key, state.as_deref())?;
         self.remember(lua, key, state);
         Ok(())
     }
@@ -470,7 +471,7 @@ impl DataStore {
         let use_cache = use_cache(&options)?;
         yield_once().await;
         let found = this.read_through(&lua, key, use_cache).await?;
-        value_and_info(&lua, found)
+        value_and_info(&lua, found.as_deref())
     }
 
     /// GetAsync's read: from the object's cache when allowed and fresh, else from the
@@ -480,7 +481,7 @@ impl DataStore {
         lua: &Lua,
         key: EntryKey,
         use_cache: bool,
-    ) -> mlua::Result<Option<(Stored, KeyInfo)>> {
+    ) -> mlua::Result<Option<Rc<(Stored, KeyInfo)>>> {
         if use_cache {
             let now = Scheduler::of(lua).now();
             if let Some(cached) = self.cache.get(&key.scope, &key.key, now) {
@@ -499,7 +500,7 @@ impl DataStore {
                 operations::get(backend.as_ref(), &read_key).await
             })
             .await?
-            .map(|(value, entry)| (value, KeyInfo::from_entry(&entry)));
+            .map(|(value, entry)| Rc::new((value, KeyInfo::from_entry(&entry))));
         self.remember(lua, &key, found.clone());
         Ok(found)
     }
@@ -733,7 +734,7 @@ impl DataStore {
                 live_value(entry)
             })
             .await?;
-        value_and_info(&lua, found)
+        value_and_info(&lua, found.as_ref())
     }
 
     async fn get_version_at_time(
@@ -768,7 +769,7 @@ impl DataStore {
                 },
             )
             .await?;
-        value_and_info(&lua, found)
+        value_and_info(&lua, found.as_ref())
     }
 
     async fn list_versions(
@@ -841,7 +842,7 @@ impl DataStore {
             .await?
             .map(|(value, entry)| (value, KeyInfo::from_entry(&entry)));
         this.written(&lua, &key, None)?;
-        value_and_info(&lua, removed)
+        value_and_info(&lua, removed.as_ref())
     }
 }
 
@@ -1047,9 +1048,9 @@ pub(crate) fn codec_type_name(value: &Value) -> String {
     }
 }
 
-fn value_and_info(lua: &Lua, found: Option<(Stored, KeyInfo)>) -> mlua::Result<MultiValue> {
+fn value_and_info(lua: &Lua, found: Option<&(Stored, KeyInfo)>) -> mlua::Result<MultiValue> {
     match found {
-        Some((value, info)) => (codec::to_lua(lua, &value)?, info).into_lua_multi(lua),
+        Some((value, info)) => (codec::to_lua(lua, value)?, info.clone()).into_lua_multi(lua),
         None => (Value::Nil, Value::Nil).into_lua_multi(lua),
     }
 }
