@@ -348,3 +348,90 @@ fn sqlite_is_the_default_under_the_working_folder() {
     }
     assert!(folder.path().join(".blox/datastore.sqlite3").exists());
 }
+
+#[test]
+fn blox_run_takes_projects_and_place_files() {
+    let scratch = Scratch::new(TestDatabase::Sqlite, "run_kinds");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let project = Command::new(env!("CARGO_BIN_EXE_blox"))
+        .arg("run")
+        .arg(root.join("tests/projects/modules"))
+        .env("BLOX_DATABASE_URL", &scratch.url)
+        .output()
+        .expect("blox runs");
+    assert!(
+        project.status.success(),
+        "{}",
+        String::from_utf8_lossy(&project.stderr)
+    );
+    assert!(stdout(&project).contains("modules project passed"));
+
+    // A place file as Studio saves it: a Script in ServerScriptService that requires a
+    // ModuleScript in ReplicatedStorage.
+    use rbx_dom_weak::types::Variant;
+    use rbx_dom_weak::{InstanceBuilder, WeakDom};
+    let mut place = WeakDom::new(InstanceBuilder::new("DataModel"));
+    let root_ref = place.root_ref();
+    let storage = place.insert(
+        root_ref,
+        InstanceBuilder::new("ReplicatedStorage").with_name("ReplicatedStorage"),
+    );
+    place.insert(
+        storage,
+        InstanceBuilder::new("ModuleScript")
+            .with_name("Greeting")
+            .with_property(
+                "Source",
+                Variant::String("return 'hello from a place file'".to_owned()),
+            ),
+    );
+    let scripts = place.insert(
+        root_ref,
+        InstanceBuilder::new("ServerScriptService").with_name("ServerScriptService"),
+    );
+    place.insert(
+        scripts,
+        InstanceBuilder::new("Script")
+            .with_name("Main")
+            .with_property(
+                "Source",
+                Variant::String(
+                    "print(require(game.ReplicatedStorage.Greeting), script:GetFullName())"
+                        .to_owned(),
+                ),
+            ),
+    );
+    let folder = tempfile::tempdir().unwrap();
+    let file = folder.path().join("game.rbxlx");
+    let services = place.root().children().to_vec();
+    rbx_xml::to_writer_default(std::fs::File::create(&file).unwrap(), &place, &services).unwrap();
+    let placed = Command::new(env!("CARGO_BIN_EXE_blox"))
+        .arg("run")
+        .arg(&file)
+        .env("BLOX_DATABASE_URL", &scratch.url)
+        .output()
+        .expect("blox runs");
+    assert!(
+        placed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&placed.stderr)
+    );
+    assert!(
+        stdout(&placed).contains("hello from a place file ServerScriptService.Main"),
+        "{}",
+        stdout(&placed)
+    );
+
+    let unknown = Command::new(env!("CARGO_BIN_EXE_blox"))
+        .arg("run")
+        .arg(folder.path().join("notes.md"))
+        .env("BLOX_DATABASE_URL", &scratch.url)
+        .output()
+        .expect("blox runs");
+    assert!(!unknown.status.success());
+    let stderr = String::from_utf8_lossy(&unknown.stderr);
+    assert!(
+        stderr.starts_with("blox: ") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+}
