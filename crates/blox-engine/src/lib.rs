@@ -87,6 +87,7 @@ impl Engine {
         let state = GameState::new(identity, datastore);
         lua.set_app_data(Rc::clone(&state));
         lua.set_app_data(instance::Members(Rc::new(services::class_members)));
+        scripts::install(&lua);
         let game = tree.handle(&lua, tree.game())?;
         services::drive_frames(&state, &scheduler);
         install_globals(&lua, &game)?;

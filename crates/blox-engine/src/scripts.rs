@@ -41,13 +41,17 @@ struct Modules {
     waits: RefCell<HashMap<Ref, Ref>>,
 }
 
+/// Sets up the module registry of a new VM. (App data is only set while nothing reads it,
+/// at start-up, never lazily from a `require` that may run inside another borrow.)
+pub fn install(lua: &Lua) {
+    lua.set_app_data(Rc::new(Modules::default()));
+    lua.set_app_data(Aliases(HashMap::new()));
+}
+
 fn modules(lua: &Lua) -> Rc<Modules> {
-    if let Some(modules) = lua.app_data_ref::<Rc<Modules>>() {
-        return Rc::clone(&modules);
-    }
-    let modules = Rc::new(Modules::default());
-    lua.set_app_data(Rc::clone(&modules));
-    modules
+    lua.app_data_ref::<Rc<Modules>>()
+        .map(|modules| Rc::clone(&modules))
+        .expect("the engine installs the module registry in every VM")
 }
 
 fn error(message: impl Into<String>) -> mlua::Error {
