@@ -116,6 +116,28 @@ impl UserData for Enums {
     }
 }
 
+impl EnumItem {
+    /// The enum's name and the item's value, for storing the item as an attribute.
+    pub(crate) fn key(&self) -> (&'static str, i64) {
+        (self.enum_name, self.value)
+    }
+}
+
+/// The item of `enum_name` whose value is `value`, if Blox defines it.
+pub(crate) fn item(lua: &Lua, enum_name: &str, value: i64) -> mlua::Result<Option<AnyUserData>> {
+    let Some(enum_type) = enum_table(lua)?.raw_get::<Option<AnyUserData>>(enum_name)? else {
+        return Ok(None);
+    };
+    let items = enum_type.borrow::<EnumType>()?.items.clone();
+    for pair in items.pairs::<Value, AnyUserData>() {
+        let (_, item) = pair?;
+        if item.borrow::<EnumItem>()?.value == value {
+            return Ok(Some(item));
+        }
+    }
+    Ok(None)
+}
+
 const ENUM_TABLE_KEY: &str = "blox.enums";
 
 fn enum_table(lua: &Lua) -> mlua::Result<Table> {

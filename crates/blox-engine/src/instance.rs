@@ -554,7 +554,7 @@ impl Tree {
             Variant::Float64(n) => Value::Number(*n),
             Variant::Float32(n) => Value::Number(f64::from(*n)),
             Variant::Ref(r) => self.value(lua, *r)?,
-            _ => Value::Nil,
+            other => crate::datatypes::from_variant(lua, other)?.unwrap_or(Value::Nil),
         })
     }
 
@@ -592,12 +592,21 @@ impl Tree {
             Value::Boolean(b) => Some(Variant::Bool(*b)),
             Value::Integer(n) => Some(Variant::Float64(*n as f64)),
             Value::Number(n) => Some(Variant::Float64(*n)),
-            other => {
-                return Err(runtime_error(format!(
-                    "{} is not a supported attribute type",
-                    other.type_name()
-                )));
-            }
+            other => match crate::datatypes::to_variant(other) {
+                Some(variant) => Some(variant),
+                None => {
+                    let type_name = match other {
+                        Value::UserData(userdata) => userdata
+                            .type_name()
+                            .map(|name| name.to_string_lossy())
+                            .unwrap_or_else(|_| "userdata".to_owned()),
+                        other => other.type_name().to_owned(),
+                    };
+                    return Err(runtime_error(format!(
+                        "{type_name} is not a supported attribute type"
+                    )));
+                }
+            },
         };
         let mut attributes = self.attributes(instance);
         let previous = match &variant {
