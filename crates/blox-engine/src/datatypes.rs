@@ -141,6 +141,16 @@ vector!(Vector3, [x => "X", y => "Y", z => "Z"], extra |methods| {
 vector!(Vector2, [x => "X", y => "Y"]);
 
 impl Vector3 {
+    /// A Vector3 of `[x, y, z]`.
+    pub(crate) fn from_array([x, y, z]: [f64; 3]) -> Self {
+        Self { x, y, z }
+    }
+
+    /// `[x, y, z]`.
+    pub(crate) fn to_array(self) -> [f64; 3] {
+        [self.x, self.y, self.z]
+    }
+
     fn cross(self, b: Self) -> Self {
         Self {
             x: self.y * b.z - self.z * b.y,
@@ -611,6 +621,9 @@ pub fn to_variant(value: &Value) -> Option<Variant> {
             f(r.max),
         )));
     }
+    if let Ok(cframe) = userdata.borrow::<crate::cframe::CFrame>() {
+        return Some(Variant::CFrame(cframe.to_rbx()));
+    }
     if let Ok(item) = userdata.borrow::<crate::enums::EnumItem>() {
         let (ty, value) = item.key();
         return Some(Variant::EnumItem(rbx::EnumItem {
@@ -668,6 +681,7 @@ pub fn from_variant(lua: &Lua, value: &Variant) -> mlua::Result<Option<Value>> {
                 y: d(r.max.y),
             },
         })?,
+        Variant::CFrame(cframe) => lua.create_userdata(crate::cframe::CFrame::from_rbx(cframe))?,
         Variant::EnumItem(item) => {
             return Ok(
                 crate::enums::item(lua, &item.ty, i64::from(item.value))?.map(Value::UserData)

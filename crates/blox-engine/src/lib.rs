@@ -5,6 +5,7 @@
 //! and is driven by a Tokio current-thread runtime on that thread; database work goes to the
 //! separate runtime inside the [`DataStoreContext`] it is given.
 
+mod cframe;
 mod datatypes;
 mod datetime;
 mod enums;
@@ -333,6 +334,7 @@ fn install_globals(lua: &Lua, game: &AnyUserData) -> mlua::Result<()> {
     enums::install(lua)?;
     datetime::install(lua)?;
     datatypes::install(lua)?;
+    cframe::install(lua)?;
 
     // Every server gets its own random sequence, as on Roblox.
     let seed = std::collections::hash_map::RandomState::new()
