@@ -170,6 +170,16 @@ pub struct Color3 {
 from_lua!(Color3);
 
 impl Color3 {
+    /// A Color3 of `[r, g, b]`.
+    pub(crate) fn from_array([r, g, b]: [f64; 3]) -> Self {
+        Self { r, g, b }
+    }
+
+    /// `[r, g, b]`.
+    pub(crate) fn to_array(self) -> [f64; 3] {
+        [self.r, self.g, self.b]
+    }
+
     fn hex(self) -> String {
         let byte = |c: f64| (c.clamp(0.0, 1.0) * 255.0).round() as u8;
         format!(
@@ -383,7 +393,7 @@ impl UserData for Rect {
 }
 
 /// A read-only table of constructors and constants, installed as a global.
-fn library(
+pub(crate) fn library(
     lua: &Lua,
     name: &str,
     build: impl FnOnce(&Table) -> mlua::Result<()>,
@@ -596,6 +606,9 @@ pub fn to_variant(value: &Value) -> Option<Variant> {
     let Value::UserData(userdata) = value else {
         return None;
     };
+    if let Some(variant) = crate::palette::to_variant(userdata) {
+        return Some(variant);
+    }
     let f = |n: f64| n as f32;
     if let Ok(v) = userdata.borrow::<Vector3>() {
         return Some(Variant::Vector3(rbx::Vector3::new(f(v.x), f(v.y), f(v.z))));
@@ -687,7 +700,7 @@ pub fn from_variant(lua: &Lua, value: &Variant) -> mlua::Result<Option<Value>> {
                 crate::enums::item(lua, &item.ty, i64::from(item.value))?.map(Value::UserData)
             );
         }
-        _ => return Ok(None),
+        other => return crate::palette::from_variant(lua, other),
     };
     Ok(Some(Value::UserData(userdata)))
 }

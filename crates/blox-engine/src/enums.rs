@@ -31,6 +31,21 @@ const ENUMS: &[(&str, &[(&str, i64)])] = &[
         ],
     ),
     ("SortDirection", &[("Ascending", 0), ("Descending", 1)]),
+    (
+        "FontWeight",
+        &[
+            ("Thin", 100),
+            ("ExtraLight", 200),
+            ("Light", 300),
+            ("Regular", 400),
+            ("Medium", 500),
+            ("SemiBold", 600),
+            ("Bold", 700),
+            ("ExtraBold", 800),
+            ("Heavy", 900),
+        ],
+    ),
+    ("FontStyle", &[("Normal", 0), ("Italic", 1)]),
 ];
 
 /// One item of an enum.
@@ -73,12 +88,13 @@ impl UserData for EnumType {
 
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
         methods.add_method("GetEnumItems", |lua, enum_type, ()| {
-            let list = lua.create_table()?;
+            let mut items = Vec::new();
             for pair in enum_type.items.pairs::<Value, AnyUserData>() {
                 let (_, item) = pair?;
-                list.raw_set(item.borrow::<EnumItem>()?.value + 1, item)?;
+                items.push((item.borrow::<EnumItem>()?.value, item));
             }
-            Ok(list)
+            items.sort_by_key(|(value, _)| *value);
+            lua.create_sequence_from(items.into_iter().map(|(_, item)| item))
         });
         methods.add_meta_method(
             MetaMethod::Index,

@@ -12,6 +12,7 @@ mod enums;
 pub mod instance;
 mod messaging;
 pub mod net;
+mod palette;
 mod scripts;
 mod services;
 
@@ -335,6 +336,7 @@ fn install_globals(lua: &Lua, game: &AnyUserData) -> mlua::Result<()> {
     datetime::install(lua)?;
     datatypes::install(lua)?;
     cframe::install(lua)?;
+    palette::install(lua)?;
 
     // Every server gets its own random sequence, as on Roblox.
     let seed = std::collections::hash_map::RandomState::new()
