@@ -162,22 +162,37 @@ fn enum_table(lua: &Lua) -> mlua::Result<Table> {
 
 /// Installs the `Enum` global.
 pub fn install(lua: &Lua) -> mlua::Result<()> {
+    // Every enum of Roblox's API, then Blox's own list on top: it holds values newer than the
+    // bundled API dump (the modern DataStoreRequestType families).
+    let mut all: Vec<(&'static str, Vec<(&'static str, i64)>)> = crate::reflection::enums()
+        .map(|(name, items)| {
+            let items = items
+                .into_iter()
+                .map(|(item, value)| (item, i64::from(value)))
+                .collect();
+            (name, items)
+        })
+        .collect();
+    for (name, items) in ENUMS {
+        all.retain(|(known, _)| known != name);
+        all.push((name, items.to_vec()));
+    }
     let enums = lua.create_table()?;
-    for (enum_name, items) in ENUMS {
+    for (enum_name, items) in all {
         let item_table = lua.create_table()?;
-        for (name, value) in *items {
+        for (name, value) in items {
             let item = EnumItem {
                 enum_name,
                 name,
-                value: *value,
+                value,
             };
-            item_table.raw_set(*name, lua.create_userdata(item)?)?;
+            item_table.raw_set(name, lua.create_userdata(item)?)?;
         }
         let enum_type = EnumType {
             name: enum_name,
             items: item_table,
         };
-        enums.raw_set(*enum_name, lua.create_userdata(enum_type)?)?;
+        enums.raw_set(enum_name, lua.create_userdata(enum_type)?)?;
     }
     lua.set_named_registry_value(ENUM_TABLE_KEY, &enums)?;
     lua.globals().set("Enum", Enums(enums))

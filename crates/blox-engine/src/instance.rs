@@ -27,8 +27,9 @@ use mlua::{
     AnyUserData, Function, IntoLuaMulti, Lua, MetaMethod, MultiValue, UserData, UserDataFields,
     UserDataMethods, Value,
 };
-use rbx_dom_weak::types::{Attributes, Ref, Variant};
+use rbx_dom_weak::types::{Attributes, Ref, Variant, VariantType};
 use rbx_dom_weak::{InstanceBuilder, WeakDom};
+use rbx_reflection::DataType;
 
 /// How long `WaitForChild` waits without a timeout before warning of an infinite yield.
 const INFINITE_YIELD_WARNING: Duration = Duration::from_secs(5);
@@ -68,9 +69,13 @@ fn superclasses(class: &str) -> &'static [&'static str] {
     }
 }
 
-/// True when `class` is `ancestor` or inherits from it.
+/// True when `class` is `ancestor` or inherits from it: by Roblox's class hierarchy, or for
+/// classes Roblox's database does not know, by Blox's own list.
 pub fn class_is_a(class: &str, ancestor: &str) -> bool {
-    class == ancestor || ancestor == "Instance" || superclasses(class).contains(&ancestor)
+    class == ancestor
+        || ancestor == "Instance"
+        || crate::reflection::is_a(class, ancestor)
+            .unwrap_or_else(|| superclasses(class).contains(&ancestor))
 }
 
 /// The value a new `ValueBase` holds.
@@ -935,6 +940,7 @@ fn has_property(tree: &Tree, instance: Ref, name: &str) -> bool {
     matches!(name, "Name" | "Parent" | "ClassName" | "Archivable")
         || (name == "Value" && class_is_a(&class, "ValueBase"))
         || tree.property(instance, name).is_some()
+        || crate::reflection::property(&class, name).is_some()
 }
 
 /// Reads a member: properties, events, class methods, then children by name.
@@ -976,9 +982,116 @@ fn index(lua: &Lua, instance: Ref, member: &str) -> mlua::Result<Value> {
     {
         return Ok(value);
     }
+    if let Some(value) = reflected_value(lua, &tree, instance, &class, member)? {
+        return Ok(value);
+    }
     match tree.find_child(instance, member) {
         Some(child) => tree.value(lua, child),
         None => Err(tree.invalid_member(instance, member)),
+    }
+}
+
+/// A property Roblox's API declares for the class: its stored value, else its default.
+fn reflected_value(
+    lua: &Lua,
+    tree: &Tree,
+    instance: Ref,
+    class: &str,
+    member: &str,
+) -> mlua::Result<Option<Value>> {
+    let Some(property) = crate::reflection::property(class, member) else {
+        return Ok(None);
+    };
+    let stored = tree
+        .property(instance, property.stored_as)
+        .or_else(|| property.default_value().cloned());
+    let value = match (property.data_type, stored) {
+        (_, None) => Value::Nil,
+        (DataType::Enum(name), Some(Variant::Enum(value))) => {
+            crate::enums::item(lua, name, i64::from(value.to_u32()))?
+                .map_or(Value::Nil, Value::UserData)
+        }
+        (_, Some(Variant::ContentId(id))) => Value::String(lua.create_string(id.as_str())?),
+        (_, Some(other)) => tree.variant_to_lua(lua, &other)?,
+    };
+    Ok(Some(value))
+}
+
+/// Assigns a property Roblox's API declares for the class, with its declared type. Returns
+/// false when the class has no such property.
+fn reflected_assign(
+    lua: &Lua,
+    tree: &Tree,
+    instance: Ref,
+    class: &str,
+    member: &str,
+    value: &Value,
+) -> mlua::Result<bool> {
+    let Some(property) = crate::reflection::property(class, member) else {
+        return Ok(false);
+    };
+    if !property.writable {
+        return Err(runtime_error(format!(
+            "Unable to assign property {member}. Property is read only"
+        )));
+    }
+    let variant = lua_to_variant(value, property.data_type).ok_or_else(|| {
+        let got = match value {
+            Value::UserData(userdata) => userdata
+                .type_name()
+                .map(|name| name.to_string_lossy())
+                .unwrap_or_else(|_| "userdata".to_owned()),
+            other => other.type_name().to_owned(),
+        };
+        runtime_error(format!(
+            "Unable to assign property {member}. {} expected, got {got}",
+            crate::reflection::type_name(property.data_type)
+        ))
+    })?;
+    tree.set_property(lua, instance, property.stored_as, variant)?;
+    Ok(true)
+}
+
+/// A Luau value as the stored value of a property declared as `data_type`, if it fits.
+fn lua_to_variant(value: &Value, data_type: &DataType) -> Option<Variant> {
+    let number = match value {
+        Value::Integer(n) => Some(*n as f64),
+        Value::Number(n) => Some(*n),
+        _ => None,
+    };
+    match data_type {
+        DataType::Enum(name) => match value {
+            Value::UserData(item) => {
+                let item = item.borrow::<crate::enums::EnumItem>().ok()?;
+                let (enum_name, value) = item.key();
+                (enum_name == *name).then(|| crate::reflection::enum_variant(value as u32))
+            }
+            Value::String(text) => crate::reflection::enum_value(name, &text.to_str().ok()?)
+                .map(crate::reflection::enum_variant),
+            _ => number.map(|n| crate::reflection::enum_variant(n as u32)),
+        },
+        DataType::Value(kind) => match (kind, value) {
+            (VariantType::Bool, Value::Boolean(b)) => Some(Variant::Bool(*b)),
+            (VariantType::Float32, _) => number.map(|n| Variant::Float32(n as f32)),
+            (VariantType::Float64, _) => number.map(Variant::Float64),
+            (VariantType::Int32, _) => number.map(|n| Variant::Int32(n as i32)),
+            (VariantType::Int64, _) => number.map(|n| Variant::Int64(n as i64)),
+            (VariantType::String, Value::String(text)) => {
+                Some(Variant::String(text.to_string_lossy()))
+            }
+            (VariantType::String, _) => {
+                number.map(|n| Variant::String(Value::Number(n).to_string().unwrap_or_default()))
+            }
+            (VariantType::ContentId, Value::String(text)) => {
+                Some(Variant::ContentId(text.to_string_lossy().into()))
+            }
+            (VariantType::Ref, Value::Nil) => Some(Variant::Ref(Ref::none())),
+            (VariantType::Ref, other) => Instance::from_value(other).map(Variant::Ref),
+            (kind, other) => {
+                crate::datatypes::to_variant(other).filter(|variant| variant.ty() == *kind)
+            }
+        },
+        _ => None,
     }
 }
 
@@ -1143,7 +1256,13 @@ fn new_index(lua: &Lua, instance: Ref, member: &str, value: Value) -> mlua::Resu
         "ClassName" => Err(runtime_error(
             "Unable to assign property ClassName. Property is read only".to_owned(),
         )),
-        _ => Err(tree.invalid_member(instance, member)),
+        _ => {
+            if reflected_assign(lua, &tree, instance, &class, member, &value)? {
+                Ok(())
+            } else {
+                Err(tree.invalid_member(instance, member))
+            }
+        }
     }
 }
 
@@ -1200,9 +1319,9 @@ fn value_for(class: &str, value: &Value) -> Option<Variant> {
 
 /// `Instance.new(className, parent?)` for the classes of the tree.
 pub fn new_instance(lua: &Lua, class: &str, parent: Value) -> mlua::Result<Option<AnyUserData>> {
-    let Some(class) = CREATABLE.iter().find(|known| **known == class) else {
+    if !CREATABLE.contains(&class) && !crate::reflection::creatable(class) {
         return Ok(None);
-    };
+    }
     let tree = Tree::of(lua);
     let instance = tree.create(class, class);
     let parent = instance_argument(&parent, 2, "Instance.new")?;

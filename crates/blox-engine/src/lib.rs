@@ -13,6 +13,7 @@ pub mod instance;
 mod messaging;
 pub mod net;
 mod palette;
+mod reflection;
 mod scripts;
 mod services;
 
@@ -320,10 +321,11 @@ fn install_globals(lua: &Lua, game: &AnyUserData) -> mlua::Result<()> {
     instance.set(
         "new",
         lua.create_function(|lua, (class, parent): (String, Value)| {
-            if let Some(instance) = instance::new_instance(lua, &class, parent)? {
-                return Ok(instance);
+            // The DataStore option classes are host objects of their own, ahead of the tree.
+            if let Some(options) = blox_datastore::create_instance(lua, &class)? {
+                return Ok(options);
             }
-            blox_datastore::create_instance(lua, &class)?.ok_or_else(|| {
+            instance::new_instance(lua, &class, parent)?.ok_or_else(|| {
                 mlua::Error::RuntimeError(format!(
                     "Unable to create an Instance of type \"{class}\""
                 ))
