@@ -13,7 +13,9 @@
 //!
 //! Arguments follow Roblox's rules for remotes: what JSON can carry goes through (nil,
 //! booleans, numbers, strings, arrays and string-keyed tables), an Instance travels as
-//! `{"$instance": "Full.Name"}`, and what cannot cross (functions, threads) arrives as nil.
+//! `{"$instance": "Full.Name"}`, a datatype as `{"$datatype": {"Vector3": [1, 2, 3]}}` (the
+//! rojo-rbx serde form of the value), and what cannot cross (functions, threads) arrives as
+//! nil.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -276,7 +278,8 @@ fn variant_json(tree: &Tree, value: &Variant) -> serde_json::Value {
         Variant::Float64(n) => number_json(*n),
         Variant::Float32(n) => number_json(f64::from(*n)),
         Variant::Ref(r) if r.is_some() => serde_json::json!({ "$instance": tree.full_name(*r) }),
-        _ => serde_json::Value::Null,
+        Variant::Ref(_) => serde_json::Value::Null,
+        other => datatype_json(other),
     }
 }
 
@@ -287,6 +290,13 @@ fn number_json(n: f64) -> serde_json::Value {
     } else {
         serde_json::Value::from(n)
     }
+}
+
+/// A datatype value on the wire: `{"$datatype": <its rojo-rbx serde form>}`.
+fn datatype_json(value: &Variant) -> serde_json::Value {
+    serde_json::to_value(value)
+        .map(|form| serde_json::json!({ "$datatype": form }))
+        .unwrap_or(serde_json::Value::Null)
 }
 
 fn json_string(text: &str) -> String {
@@ -303,7 +313,10 @@ fn to_wire_list(lua: Lua, values: MultiValue) -> mlua::Result<String> {
                 r#"{{"$instance":{}}}"#,
                 json_string(&tree.full_name(instance))
             ),
-            None => codec::encode(value).unwrap_or_else(|_| "null".to_owned()),
+            None => match crate::datatypes::to_variant(value) {
+                Some(variant) => datatype_json(&variant).to_string(),
+                None => codec::encode(value).unwrap_or_else(|_| "null".to_owned()),
+            },
         })
         .collect();
     Ok(format!("[{}]", items.join(",")))
@@ -313,13 +326,28 @@ fn to_wire_list(lua: Lua, values: MultiValue) -> mlua::Result<String> {
 /// does not exist).
 fn from_wire(lua: &Lua, tree: &Tree, item: &Stored) -> mlua::Result<Value> {
     if let Stored::Object(fields) = item
-        && let [(key, Stored::String(path))] = fields.as_slice()
-        && key == "$instance"
+        && let [(key, value)] = fields.as_slice()
     {
-        return match find_path(tree, path) {
-            Some(instance) => tree.value(lua, instance),
-            None => Ok(Value::Nil),
-        };
+        match (key.as_str(), value) {
+            ("$instance", Stored::String(path)) => {
+                return match find_path(tree, path) {
+                    Some(instance) => tree.value(lua, instance),
+                    None => Ok(Value::Nil),
+                };
+            }
+            ("$datatype", form) => {
+                let variant = codec::encode(&codec::to_lua(lua, form)?)
+                    .ok()
+                    .and_then(|json| serde_json::from_str::<Variant>(&json).ok());
+                return match variant {
+                    Some(variant) => {
+                        Ok(crate::datatypes::from_variant(lua, &variant)?.unwrap_or(Value::Nil))
+                    }
+                    None => Ok(Value::Nil),
+                };
+            }
+            _ => {}
+        }
     }
     codec::to_lua(lua, item)
 }

@@ -283,6 +283,21 @@ async fn two_servers(database: TestDatabase) {
         "each server has its own JobId"
     );
 
+    // Datatypes cross the socket in their rojo-rbx serde form, both ways.
+    assert_eq!(
+        alice_state["attributes"]["Home"],
+        serde_json::json!({ "$datatype": { "Vector3": [1.0, 2.0, 3.0] } })
+    );
+    let sent = serde_json::json!([
+        { "$datatype": { "Vector3": [1.0, 2.0, 3.0] } },
+        { "$datatype": { "Color3": [1.0, 0.0, 0.0] } },
+        "plain",
+    ]);
+    fire(&mut alice, "ReplicatedStorage.Remotes.Echo", sent.clone()).await;
+    let echoed = next_of(&mut alice, "OnClientEvent").await;
+    assert_eq!(echoed["remote"], "ReplicatedStorage.Remotes.Echo");
+    assert_eq!(echoed["args"], sent);
+
     // Chat published on the first server reaches clients of both.
     fire(
         &mut alice,
