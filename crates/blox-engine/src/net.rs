@@ -303,27 +303,59 @@ fn json_string(text: &str) -> String {
     serde_json::Value::from(text).to_string()
 }
 
+/// How deep a table sent over the wire may nest; deeper (or cyclic) parts arrive as null.
+const WIRE_DEPTH: usize = 64;
+
 /// Values as a JSON array for the wire.
 fn to_wire_list(lua: Lua, values: MultiValue) -> mlua::Result<String> {
     let tree = Tree::of(&lua);
-    let items: Vec<String> = values
+    let items: Vec<serde_json::Value> = values
         .iter()
-        .map(|value| match Instance::from_value(value) {
-            Some(instance) => format!(
-                r#"{{"$instance":{}}}"#,
-                json_string(&tree.full_name(instance))
-            ),
-            None => match crate::datatypes::to_variant(value) {
-                Some(variant) => datatype_json(&variant).to_string(),
-                None => codec::encode(value).unwrap_or_else(|_| "null".to_owned()),
-            },
-        })
+        .map(|value| to_wire(&tree, value, 0))
         .collect();
-    Ok(format!("[{}]", items.join(",")))
+    Ok(serde_json::Value::Array(items).to_string())
+}
+
+/// One value for the wire: tables recursively (a table with a length as an array, else its
+/// string keys as an object), instances and datatypes in their tagged forms, and null for
+/// what cannot cross.
+fn to_wire(tree: &Tree, value: &Value, depth: usize) -> serde_json::Value {
+    if let Some(instance) = Instance::from_value(value) {
+        return serde_json::json!({ "$instance": tree.full_name(instance) });
+    }
+    if let Some(variant) = crate::datatypes::to_variant(value) {
+        return datatype_json(&variant);
+    }
+    match value {
+        Value::Boolean(b) => serde_json::Value::from(*b),
+        Value::Integer(n) => number_json(*n as f64),
+        Value::Number(n) => number_json(*n),
+        Value::String(text) => serde_json::Value::from(text.to_string_lossy()),
+        Value::Table(table) if depth < WIRE_DEPTH => {
+            let length = table.raw_len();
+            if length > 0 {
+                let items = (1..=length)
+                    .map(|i| {
+                        let item = table.raw_get::<Value>(i).unwrap_or(Value::Nil);
+                        to_wire(tree, &item, depth + 1)
+                    })
+                    .collect();
+                return serde_json::Value::Array(items);
+            }
+            let mut object = serde_json::Map::new();
+            for (key, item) in table.pairs::<Value, Value>().flatten() {
+                if let Value::String(key) = key {
+                    object.insert(key.to_string_lossy(), to_wire(tree, &item, depth + 1));
+                }
+            }
+            serde_json::Value::Object(object)
+        }
+        _ => serde_json::Value::Null,
+    }
 }
 
 /// A value from the wire, with `{"$instance": path}` resolved to the instance (nil when it
-/// does not exist).
+/// does not exist) and `{"$datatype": …}` to the datatype, at any depth.
 fn from_wire(lua: &Lua, tree: &Tree, item: &Stored) -> mlua::Result<Value> {
     if let Stored::Object(fields) = item
         && let [(key, value)] = fields.as_slice()
@@ -349,5 +381,21 @@ fn from_wire(lua: &Lua, tree: &Tree, item: &Stored) -> mlua::Result<Value> {
             _ => {}
         }
     }
-    codec::to_lua(lua, item)
+    match item {
+        Stored::Array(items) => {
+            let table = lua.create_table_with_capacity(items.len(), 0)?;
+            for (index, item) in items.iter().enumerate() {
+                table.raw_set(index + 1, from_wire(lua, tree, item)?)?;
+            }
+            Ok(Value::Table(table))
+        }
+        Stored::Object(fields) => {
+            let table = lua.create_table_with_capacity(0, fields.len())?;
+            for (key, item) in fields {
+                table.raw_set(key.as_str(), from_wire(lua, tree, item)?)?;
+            }
+            Ok(Value::Table(table))
+        }
+        other => codec::to_lua(lua, other),
+    }
 }

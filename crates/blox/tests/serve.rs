@@ -292,6 +292,7 @@ async fn two_servers(database: TestDatabase) {
         { "$datatype": { "Vector3": [1.0, 2.0, 3.0] } },
         { "$datatype": { "Color3": [1.0, 0.0, 0.0] } },
         "plain",
+        { "nested": { "$datatype": { "Vector2": [4.0, 5.0] } }, "places": [{ "$instance": "Workspace" }, 7] },
     ]);
     fire(&mut alice, "ReplicatedStorage.Remotes.Echo", sent.clone()).await;
     let echoed = next_of(&mut alice, "OnClientEvent").await;
