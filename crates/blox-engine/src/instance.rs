@@ -755,19 +755,21 @@ impl UserData for Instance {
             "FindFirstChild",
             |lua, this, (name, recursive): (String, Option<bool>)| {
                 let tree = Tree::of(lua);
-                let found = if recursive.unwrap_or(false) {
-                    tree.first_where(tree.descendants(this.instance), |i| i.name == name)
-                } else {
+                if recursive.unwrap_or(false) {
+                    let descendants = tree.descendants(this.instance);
+                    return first(lua, &tree, descendants, |i| i.name == name);
+                }
+                tree.value(
+                    lua,
                     tree.find_child(this.instance, &name)
-                };
-                tree.value(lua, found.unwrap_or_else(Ref::none))
+                        .unwrap_or_else(Ref::none),
+                )
             },
         );
         methods.add_method("FindFirstChildOfClass", |lua, this, class: String| {
             let tree = Tree::of(lua);
-            let found =
-                tree.first_where(tree.children(this.instance), |i| i.class == class.as_str());
-            tree.value(lua, found.unwrap_or_else(Ref::none))
+            let children = tree.children(this.instance);
+            first(lua, &tree, children, |i| i.class == class.as_str())
         });
         methods.add_method(
             "FindFirstChildWhichIsA",
@@ -778,27 +780,23 @@ impl UserData for Instance {
                 } else {
                     tree.children(this.instance)
                 };
-                let found = tree.first_where(candidates, |i| class_is_a(&i.class, &class));
-                tree.value(lua, found.unwrap_or_else(Ref::none))
+                first(lua, &tree, candidates, |i| class_is_a(&i.class, &class))
             },
         );
         methods.add_method("FindFirstAncestor", |lua, this, name: String| {
             let tree = Tree::of(lua);
-            let found = tree.first_where(tree.ancestors(this.instance), |i| i.name == name);
-            tree.value(lua, found.unwrap_or_else(Ref::none))
+            let ancestors = tree.ancestors(this.instance);
+            first(lua, &tree, ancestors, |i| i.name == name)
         });
         methods.add_method("FindFirstAncestorOfClass", |lua, this, class: String| {
             let tree = Tree::of(lua);
-            let found =
-                tree.first_where(tree.ancestors(this.instance), |i| i.class == class.as_str());
-            tree.value(lua, found.unwrap_or_else(Ref::none))
+            let ancestors = tree.ancestors(this.instance);
+            first(lua, &tree, ancestors, |i| i.class == class.as_str())
         });
         methods.add_method("FindFirstAncestorWhichIsA", |lua, this, class: String| {
             let tree = Tree::of(lua);
-            let found = tree.first_where(tree.ancestors(this.instance), |i| {
-                class_is_a(&i.class, &class)
-            });
-            tree.value(lua, found.unwrap_or_else(Ref::none))
+            let ancestors = tree.ancestors(this.instance);
+            first(lua, &tree, ancestors, |i| class_is_a(&i.class, &class))
         });
         methods.add_async_method(
             "WaitForChild",
@@ -932,6 +930,20 @@ impl UserData for Instance {
             Ok(signal)
         });
     }
+}
+
+/// The first of `candidates` that passes `test`, as a Luau value (nil when none does): what
+/// every `FindFirst…` method returns.
+fn first(
+    lua: &Lua,
+    tree: &Tree,
+    candidates: Vec<Ref>,
+    test: impl Fn(&rbx_dom_weak::Instance) -> bool,
+) -> mlua::Result<Value> {
+    tree.value(
+        lua,
+        tree.first_where(candidates, test).unwrap_or_else(Ref::none),
+    )
 }
 
 /// Whether `name` is a property scripts can watch on `instance`.
