@@ -250,15 +250,18 @@ fn node(
             InstanceBuilder::new(class).with_name(name)
         }
     };
-    match json.get("$className").and_then(Json::as_str) {
-        Some(class) => builder = builder.with_class(class),
+    let class = match json.get("$className").and_then(Json::as_str) {
+        Some(class) => Some(class),
         // A service mapped onto a folder stays that service, as in Rojo.
-        None if is_service(name) => builder = builder.with_class(name),
-        None => {}
+        None if is_service(name) => Some(name),
+        None => None,
+    };
+    if let Some(class) = class {
+        builder = builder.with_class(class);
     }
     if let Some(properties) = json.get("$properties").and_then(Json::as_object) {
         for (property, value) in properties {
-            if let Some(value) = variant(value) {
+            if let Some(value) = property_value(class, property, value) {
                 builder = builder.with_property(property.as_str(), value);
             }
         }
@@ -308,7 +311,67 @@ fn is_service(name: &str) -> bool {
     )
 }
 
-/// A JSON property or attribute value as a Variant: strings, booleans and numbers.
+/// A `$properties` value, typed as Rojo types it: the explicit form (`{"Vector3": [1, 2,
+/// 3]}`), or the implicit one read by the property's declared type in Roblox's API
+/// (`"Anchored": true`, `"Size": [4, 1, 2]`, `"Material": "Neon"`).
+fn property_value(class: Option<&str>, property: &str, value: &Json) -> Option<Variant> {
+    use rbx_dom_weak::types::{self as rbx, VariantType};
+    use rbx_reflection::DataType;
+    if let Json::Object(explicit) = value
+        && explicit.len() == 1
+        && let Ok(typed) = serde_json::from_value::<Variant>(value.clone())
+    {
+        return Some(typed);
+    }
+    let database = rbx_reflection_database::get_bundled();
+    let declared = class.and_then(|class| {
+        let descriptor = database.classes.get(class)?;
+        database
+            .superclasses_iter(descriptor)
+            .find_map(|class| class.properties.get(property))
+            .map(|property| &property.data_type)
+    });
+    let numbers: Option<Vec<f32>> = value.as_array().map(|items| {
+        items
+            .iter()
+            .filter_map(|n| n.as_f64().map(|n| n as f32))
+            .collect()
+    });
+    let number = value.as_f64();
+    match (declared, value) {
+        (Some(DataType::Enum(name)), Json::String(item)) => {
+            let value = database.enums.get(name)?.items.get(item.as_str())?;
+            Some(Variant::Enum(rbx::Enum::from_u32(*value)))
+        }
+        (Some(DataType::Enum(_)), _) => {
+            number.map(|n| Variant::Enum(rbx::Enum::from_u32(n as u32)))
+        }
+        (Some(DataType::Value(kind)), _) => match (kind, numbers.as_deref()) {
+            (VariantType::Float32, _) => number.map(|n| Variant::Float32(n as f32)),
+            (VariantType::Float64, _) => number.map(Variant::Float64),
+            (VariantType::Int32, _) => number.map(|n| Variant::Int32(n as i32)),
+            (VariantType::Int64, _) => number.map(|n| Variant::Int64(n as i64)),
+            (VariantType::Vector3, Some([x, y, z])) => {
+                Some(Variant::Vector3(rbx::Vector3::new(*x, *y, *z)))
+            }
+            (VariantType::Vector2, Some([x, y])) => {
+                Some(Variant::Vector2(rbx::Vector2::new(*x, *y)))
+            }
+            (VariantType::Color3, Some([r, g, b])) => {
+                Some(Variant::Color3(rbx::Color3::new(*r, *g, *b)))
+            }
+            (VariantType::NumberRange, Some([min, max])) => {
+                Some(Variant::NumberRange(rbx::NumberRange::new(*min, *max)))
+            }
+            (VariantType::ContentId, _) => value.as_str().map(|id| Variant::ContentId(id.into())),
+            _ => variant(value),
+        },
+        _ => variant(value),
+    }
+}
+
+/// A JSON attribute value (or an untyped property) as a Variant: strings, booleans and
+/// numbers.
 fn variant(value: &Json) -> Option<Variant> {
     match value {
         Json::String(text) => Some(Variant::String(text.clone())),
@@ -439,7 +502,17 @@ mod tests {
                         "Config": { "$className": "Configuration", "$attributes": { "Rate": 2 } }
                     },
                     "Workspace": {
-                        "Cash": { "$className": "IntValue", "$properties": { "Value": 5 } }
+                        "Cash": { "$className": "IntValue", "$properties": { "Value": 5 } },
+                        "Floor": {
+                            "$className": "Part",
+                            "$properties": {
+                                "Anchored": true,
+                                "Size": [64, 1, 64],
+                                "Material": "Neon",
+                                "Transparency": 0.5,
+                                "Color": { "Color3": [1, 0, 0] }
+                            }
+                        }
                     }
                 }
             }"#,
@@ -501,6 +574,26 @@ mod tests {
         assert_eq!(
             cash.properties.get(&rbx_dom_weak::ustr("Value")),
             Some(&Variant::Int64(5))
+        );
+        let floor = dom
+            .get_by_ref(find(dom, &["Workspace", "Floor"]).unwrap())
+            .unwrap();
+        let property = |name: &str| floor.properties.get(&rbx_dom_weak::ustr(name)).cloned();
+        use rbx_dom_weak::types as rbx;
+        assert_eq!(property("Anchored"), Some(Variant::Bool(true)));
+        assert_eq!(
+            property("Size"),
+            Some(Variant::Vector3(rbx::Vector3::new(64.0, 1.0, 64.0)))
+        );
+        assert!(
+            matches!(property("Material"), Some(Variant::Enum(_))),
+            "{:?}",
+            property("Material")
+        );
+        assert_eq!(property("Transparency"), Some(Variant::Float32(0.5)));
+        assert_eq!(
+            property("Color"),
+            Some(Variant::Color3(rbx::Color3::new(1.0, 0.0, 0.0)))
         );
         let util = dom
             .get_by_ref(find(dom, &["ReplicatedStorage", "Shared", "Util"]).unwrap())
