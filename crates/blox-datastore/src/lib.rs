@@ -51,5 +51,6 @@ pub use error::DataStoreError;
 pub mod operations;
 pub mod ordered;
 pub mod service;
+pub mod updates;
 
 pub use service::{DataStoreContext, DataStoreService, create_instance};

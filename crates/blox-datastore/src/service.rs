@@ -30,7 +30,8 @@ use crate::codec::{self, Stored};
 use crate::listing::{self, KeyQuery, Pages, StoreQuery, VersionQuery};
 use crate::operations::{self, OperationError};
 use crate::ordered::OrderedDataStore;
-use blox_scheduler::{Scheduler, Signal};
+use crate::updates::UpdateWatch;
+use blox_scheduler::Scheduler;
 
 /// Limits on keys, names and scopes, in bytes (`string.len`).
 const NAME_LIMIT: usize = 50;
@@ -51,8 +52,8 @@ pub struct DataStoreContext {
     backend: Arc<dyn Backend>,
     runtime: tokio::runtime::Handle,
     universe: i64,
-    /// `OnUpdate` subscriptions, fired by writes made on this server.
-    update_signals: RefCell<HashMap<EntryKey, Signal>>,
+    /// `OnUpdate` subscriptions and what they have seen.
+    updates: UpdateWatch,
     /// This server's request budgets and throttle queues.
     budgets: RequestBudgets,
 }
@@ -71,7 +72,7 @@ impl DataStoreContext {
             backend,
             runtime,
             universe,
-            update_signals: RefCell::default(),
+            updates: UpdateWatch::default(),
             budgets: RequestBudgets::new(throttling),
         })
     }
@@ -102,37 +103,18 @@ impl DataStoreContext {
             .await
     }
 
-    /// The signal `OnUpdate` connects to for `key`.
-    fn update_signal(&self, key: EntryKey) -> Signal {
-        self.update_signals
-            .borrow_mut()
-            .entry(key)
-            .or_default()
-            .clone()
+    /// The server's `OnUpdate` state.
+    pub(crate) fn updates(&self) -> &UpdateWatch {
+        &self.updates
     }
 
-    /// Fires the `OnUpdate` callbacks of `key` with its new state (nil after a removal).
-    fn notify_update(
-        &self,
-        lua: &Lua,
-        key: &EntryKey,
-        state: Option<&(Stored, KeyInfo)>,
-    ) -> mlua::Result<()> {
-        let signal = self.update_signals.borrow().get(key).cloned();
-        let Some(signal) = signal.filter(Signal::is_observed) else {
-            return Ok(());
-        };
-        let args = match state {
-            // Ordered stores have no key info: their callbacks get the value alone.
-            Some((value, _)) if key.kind == StoreKind::Ordered => {
-                codec::to_lua(lua, value)?.into_lua_multi(lua)?
-            }
-            Some((value, info)) => {
-                (codec::to_lua(lua, value)?, info.clone()).into_lua_multi(lua)?
-            }
-            None => (Value::Nil, Value::Nil).into_lua_multi(lua)?,
-        };
-        signal.fire(lua, args)
+    /// Starts `work` on the database runtime without waiting for it.
+    pub(crate) fn spawn_detached<F, W>(&self, work: W)
+    where
+        F: Future<Output = ()> + Send + 'static,
+        W: FnOnce(Arc<dyn Backend>) -> F,
+    {
+        self.runtime.spawn(work(Arc::clone(&self.backend)));
     }
 
     /// Runs `work` on the database runtime and waits for it without blocking the VM thread.
@@ -406,7 +388,8 @@ impl DataStore {
     }
 
     /// `OnUpdate(key, callback)`: calls `callback` with the new value after every write of
-    /// `key` made on this server.
+    /// `key`: at once for this server's writes, within a minute for other servers' (see
+    /// [`crate::updates`]).
     pub(crate) fn on_update(
         &self,
         lua: &Lua,
@@ -420,7 +403,7 @@ impl DataStore {
             }
             .into());
         };
-        Ok(self.context.update_signal(key).connect(callback))
+        Ok(UpdateWatch::signal(&self.context, lua, key).connect(callback))
     }
 
     /// The scope this object reads and writes (empty under AllScopes).
@@ -457,7 +440,7 @@ impl DataStore {
         state: Option<(Stored, KeyInfo)>,
     ) -> mlua::Result<()> {
         let state = state.map(Rc::new);
-        self.context.notify_update(lua, key, state.as_deref())?;
+        self.context.updates().notify(lua, key, state.as_deref())?;
         self.remember(lua, key, state);
         Ok(())
     }
@@ -1227,6 +1210,11 @@ impl KeyInfo {
             user_ids: "[]".to_owned(),
             metadata: "{}".to_owned(),
         }
+    }
+
+    /// The version this key info describes.
+    pub(crate) fn version(&self) -> &Version {
+        &self.version
     }
 
     pub(crate) fn from_entry(entry: &Entry) -> Self {

@@ -1,0 +1,133 @@
+//! `OnUpdate` across servers: a write on another server reaches this server's callbacks at
+//! the next once-a-minute poll, under a manual clock, while this server's own writes fire at
+//! once and are not reported twice.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use blox_datastore::DataStoreContext;
+use blox_datastore::backend::{self, OpenOptions};
+use blox_datastore::budget::Throttling;
+use blox_engine::{Engine, ServerIdentity};
+use blox_scheduler::{ManualClock, RealClock};
+
+fn identity() -> ServerIdentity {
+    ServerIdentity {
+        place_id: 1,
+        game_id: 9,
+        job_id: blox_engine::new_guid(),
+    }
+}
+
+fn seen(engine: &Engine) -> Vec<f64> {
+    let shared: mlua::Table = engine.lua().globals().get("shared").unwrap();
+    shared.get("seen").unwrap()
+}
+
+/// Steps the watcher's frames (its clock standing still) until `done`, for at most `limit` of
+/// real time (the database answers polls in milliseconds).
+async fn frames_until(engine: &Engine, limit: Duration, done: impl Fn(&Engine) -> bool) {
+    for _ in 0..limit.as_millis() / 10 {
+        engine.scheduler().step_frame(engine.lua());
+        if done(engine) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[test]
+fn other_servers_writes_reach_on_update_within_a_minute() {
+    let folder = tempfile::tempdir().unwrap();
+    let database = tokio::runtime::Runtime::new().unwrap();
+    let url = format!(
+        "sqlite://{}",
+        folder.path().join("updates.sqlite3").display()
+    );
+    let backend = database
+        .block_on(backend::open(&url, &OpenOptions::default()))
+        .unwrap();
+    let vm = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    vm.block_on(async {
+        let context =
+            |backend| DataStoreContext::new(backend, database.handle().clone(), 9, Throttling::Off);
+        let clock = Rc::new(ManualClock::default());
+        let watcher =
+            Engine::new(identity(), context(Arc::clone(&backend)), clock.clone()).unwrap();
+        let writer = Engine::new(
+            identity(),
+            context(Arc::clone(&backend)),
+            Rc::new(RealClock::new()),
+        )
+        .unwrap();
+        watcher
+            .start_script(
+                "watch.server.luau",
+                br#"
+                shared.seen = {}
+                local store = game:GetService("DataStoreService"):GetDataStore("Watched")
+                store:OnUpdate("k", function(value, info)
+                    assert(typeof(info) == "Instance")
+                    table.insert(shared.seen, value)
+                end)
+                "#,
+            )
+            .unwrap();
+        // The first poll only records where the key stands.
+        frames_until(&watcher, Duration::from_secs(1), |_| false).await;
+        assert!(seen(&watcher).is_empty());
+
+        writer
+            .start_script(
+                "write.server.luau",
+                br#"game:GetService("DataStoreService"):GetDataStore("Watched"):SetAsync("k", 5)"#,
+            )
+            .unwrap();
+        writer.run_until_idle().await;
+
+        clock.advance(Duration::from_secs(30));
+        frames_until(&watcher, Duration::from_secs(1), |engine| {
+            !seen(engine).is_empty()
+        })
+        .await;
+        assert!(seen(&watcher).is_empty(), "not before the minute is up");
+
+        clock.advance(Duration::from_secs(31));
+        frames_until(&watcher, Duration::from_secs(10), |engine| {
+            !seen(engine).is_empty()
+        })
+        .await;
+        assert_eq!(
+            seen(&watcher),
+            [5.0],
+            "the other server's write, after a minute"
+        );
+
+        // This server's own write fires at once, and the next poll does not repeat it.
+        watcher
+            .start_script(
+                "own.server.luau",
+                br#"game:GetService("DataStoreService"):GetDataStore("Watched"):SetAsync("k", 6)"#,
+            )
+            .unwrap();
+        frames_until(&watcher, Duration::from_secs(10), |engine| {
+            seen(engine).len() == 2
+        })
+        .await;
+        assert_eq!(seen(&watcher), [5.0, 6.0]);
+        clock.advance(Duration::from_secs(61));
+        frames_until(&watcher, Duration::from_secs(1), |engine| {
+            seen(engine).len() > 2
+        })
+        .await;
+        assert_eq!(
+            seen(&watcher),
+            [5.0, 6.0],
+            "no second report of a write this server made"
+        );
+    });
+}
