@@ -140,6 +140,15 @@ impl GameState {
         false
     }
 
+    /// Tells the request budgets how many players are in the game: they scale with it.
+    fn count_players(&self, lua: &Lua) {
+        let tree = Tree::of(lua);
+        let players = tree
+            .find_child(tree.game(), "Players")
+            .map_or(0, |players| tree.children(players).len());
+        self.datastore.set_player_count(players as u32);
+    }
+
     /// `game.JobId`.
     pub fn job_id(&self) -> &str {
         &self.identity.job_id
@@ -327,10 +336,10 @@ pub fn add_player(lua: &Lua, user_id: i64, name: &str, display_name: &str) -> ml
         Variant::String(display_name.to_owned()),
     );
     tree.set_parent(lua, player, players)?;
+    let state = GameState::of(lua);
+    state.count_players(lua);
     let value = tree.handle(lua, player)?;
-    GameState::of(lua)
-        .player_added
-        .fire(lua, value.into_lua_multi(lua)?)?;
+    state.player_added.fire(lua, value.into_lua_multi(lua)?)?;
     Ok(player)
 }
 
@@ -349,7 +358,9 @@ pub fn remove_player(lua: &Lua, player: Ref) -> mlua::Result<()> {
         let now = Scheduler::of(lua).now();
         state.leaving.borrow_mut().insert(user_id, (handlers, now));
     }
-    tree.set_parent(lua, player, Ref::none())
+    tree.set_parent(lua, player, Ref::none())?;
+    state.count_players(lua);
+    Ok(())
 }
 
 /// A service that exists for scripts to fetch but has no members of its own yet.

@@ -91,6 +91,8 @@ fn players_join_get_leaderstats_and_leave() {
                 assert(player.leaderstats.Money.Value == 100)
                 assert(player:GetFullName() == "Players.builderman")
                 assert(Players:GetPlayerByUserId(5) == nil)
+                local budget = game:GetService("DataStoreService"):GetRequestBudgetForRequestType(Enum.DataStoreRequestType.OnUpdate)
+                assert(budget == 40, "request budgets scale with the players: " .. budget)
                 player.leaderstats.Money.Value = 250
                 shared.checked = true
                 "#,
