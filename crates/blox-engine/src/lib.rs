@@ -38,6 +38,10 @@ pub use services::{GameState, ServerIdentity};
 /// timeout" error (Roblox's default).
 pub const SCRIPT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How much memory the VM's Luau heap may take by default: a script that allocates without
+/// end gets Luau's catchable "not enough memory" error instead of taking the process down.
+pub const MEMORY_LIMIT: usize = 2 << 30;
+
 /// How long `game:BindToClose` callbacks may run on shutdown, as on Roblox.
 pub const CLOSE_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -82,6 +86,7 @@ impl Engine {
         let lua = Lua::new_with(StdLib::ALL_SAFE, LuaOptions::default())?;
         let scheduler = Scheduler::attach(&lua, clock)?;
         scheduler.limit_execution_time(&lua, SCRIPT_TIMEOUT);
+        lua.set_memory_limit(MEMORY_LIMIT)?;
         let tree = Tree::install(&lua, services::TREE_SERVICES)?;
         let sweeping = Rc::clone(&tree);
         scheduler.on_frame(move |_, _| {
@@ -165,6 +170,12 @@ impl Engine {
             self.scheduler.spawn(thread.clone(), MultiValue::new())?;
         }
         Ok(threads)
+    }
+
+    /// Sets how many bytes the Luau heap may take (see [`MEMORY_LIMIT`]).
+    pub fn set_memory_limit(&self, bytes: usize) -> Result<(), EngineError> {
+        self.lua.set_memory_limit(bytes)?;
+        Ok(())
     }
 
     /// Adds a player (as a client joining): a Player under Players, then `PlayerAdded`.

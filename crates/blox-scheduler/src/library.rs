@@ -79,6 +79,16 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
     let coroutine: mlua::Table = globals.get("coroutine")?;
 
     let plain = lua.create_function(|lua, value: Value| {
+        let out_of_memory = match &value {
+            Value::Error(error) => matches!(**error, mlua::Error::MemoryError(_)),
+            Value::String(message) => message.as_bytes() == b"not enough memory".as_slice(),
+            _ => false,
+        };
+        if out_of_memory {
+            // What the failed call held is garbage now; collect it before the script goes
+            // on, or its next allocation would fail too (Luau has no emergency collection).
+            lua.gc_collect()?;
+        }
         Ok(match value {
             Value::Error(error) => Value::String(lua.create_string(error_message(&error))?),
             other => other,

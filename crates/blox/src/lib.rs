@@ -65,6 +65,7 @@ pub struct Host {
     database: tokio::runtime::Runtime,
     backend: Arc<dyn Backend>,
     throttling: Throttling,
+    memory_limit: usize,
     url: String,
 }
 
@@ -91,8 +92,16 @@ impl Host {
             database,
             backend,
             throttling: Throttling::default(),
+            memory_limit: blox_engine::MEMORY_LIMIT,
             url: url.to_owned(),
         })
+    }
+
+    /// Sets how many bytes each server's Luau heap may take ([`blox_engine::MEMORY_LIMIT`] by
+    /// default).
+    pub fn with_memory_limit(mut self, bytes: usize) -> Self {
+        self.memory_limit = bytes;
+        self
     }
 
     /// Sets the DataStore request budgets of the servers this host runs (Roblox's by default).
@@ -180,6 +189,7 @@ impl Host {
             self.throttling,
         );
         let engine = Engine::new(identity, context, Rc::new(RealClock::new()))?;
+        engine.set_memory_limit(self.memory_limit)?;
         engine.connect_messaging(messaging)?;
         Ok(engine)
     }

@@ -64,6 +64,9 @@ struct ServerArgs {
     /// DataStore request budgets: `1` is Roblox's, a factor scales them, `off` removes them.
     #[arg(long, env = "BLOX_REQUEST_BUDGETS", default_value = "1")]
     request_budgets: Throttling,
+    /// How many MiB the Luau heap may take before allocations fail (catchably).
+    #[arg(long, env = "BLOX_MEMORY_LIMIT_MB", default_value_t = 2048)]
+    memory_limit_mb: usize,
 }
 
 fn main() -> ExitCode {
@@ -106,7 +109,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         keep_all_versions: server.keep_all_versions,
         ..OpenOptions::default()
     };
-    let host = Host::open(&server.database_url, &options)?.with_throttling(server.request_budgets);
+    let host = Host::open(&server.database_url, &options)?
+        .with_throttling(server.request_budgets)
+        .with_memory_limit(server.memory_limit_mb << 20);
     let identity = ServerIdentity {
         place_id: server.place_id,
         game_id: server.game_id,
