@@ -1,43 +1,13 @@
 //! Runaway scripts meet limits instead of taking the server down: a script that allocates
 //! without end gets Luau's catchable memory error, and the game goes on.
 
-use std::rc::Rc;
-use std::sync::Arc;
+mod common;
 
-use blox_datastore::DataStoreContext;
-use blox_datastore::backend::{self, OpenOptions};
-use blox_datastore::budget::Throttling;
-use blox_engine::{Engine, ServerIdentity};
-use blox_scheduler::RealClock;
+use common::with_engine;
 
 #[test]
 fn a_script_that_allocates_without_end_gets_a_memory_error() {
-    let folder = tempfile::tempdir().unwrap();
-    let database = tokio::runtime::Runtime::new().unwrap();
-    let url = format!(
-        "sqlite://{}",
-        folder.path().join("limits.sqlite3").display()
-    );
-    let backend = database
-        .block_on(backend::open(&url, &OpenOptions::default()))
-        .unwrap();
-    let vm = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    vm.block_on(async {
-        let context = DataStoreContext::new(
-            Arc::clone(&backend),
-            database.handle().clone(),
-            3,
-            Throttling::Off,
-        );
-        let identity = ServerIdentity {
-            place_id: 1,
-            game_id: 3,
-            job_id: blox_engine::new_guid(),
-        };
-        let engine = Engine::new(identity, context, Rc::new(RealClock::new())).unwrap();
+    with_engine(async |engine| {
         engine.set_memory_limit(64 << 20).unwrap();
         engine
             .start_script(

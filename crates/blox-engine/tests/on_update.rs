@@ -2,23 +2,14 @@
 //! the next once-a-minute poll, under a manual clock, while this server's own writes fire at
 //! once and are not reported twice.
 
+mod common;
+
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::Duration;
 
-use blox_datastore::DataStoreContext;
-use blox_datastore::backend::{self, OpenOptions};
-use blox_datastore::budget::Throttling;
-use blox_engine::{Engine, ServerIdentity};
+use blox_engine::Engine;
 use blox_scheduler::{ManualClock, RealClock};
-
-fn identity() -> ServerIdentity {
-    ServerIdentity {
-        place_id: 1,
-        game_id: 9,
-        job_id: blox_engine::new_guid(),
-    }
-}
+use common::Database;
 
 fn seen(engine: &Engine) -> Vec<f64> {
     let shared: mlua::Table = engine.lua().globals().get("shared").unwrap();
@@ -39,31 +30,15 @@ async fn frames_until(engine: &Engine, limit: Duration, done: impl Fn(&Engine) -
 
 #[test]
 fn other_servers_writes_reach_on_update_within_a_minute() {
-    let folder = tempfile::tempdir().unwrap();
-    let database = tokio::runtime::Runtime::new().unwrap();
-    let url = format!(
-        "sqlite://{}",
-        folder.path().join("updates.sqlite3").display()
-    );
-    let backend = database
-        .block_on(backend::open(&url, &OpenOptions::default()))
-        .unwrap();
+    let database = Database::new();
     let vm = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     vm.block_on(async {
-        let context =
-            |backend| DataStoreContext::new(backend, database.handle().clone(), 9, Throttling::Off);
         let clock = Rc::new(ManualClock::default());
-        let watcher =
-            Engine::new(identity(), context(Arc::clone(&backend)), clock.clone()).unwrap();
-        let writer = Engine::new(
-            identity(),
-            context(Arc::clone(&backend)),
-            Rc::new(RealClock::new()),
-        )
-        .unwrap();
+        let watcher = database.engine(clock.clone());
+        let writer = database.engine(Rc::new(RealClock::new()));
         watcher
             .start_script(
                 "watch.server.luau",

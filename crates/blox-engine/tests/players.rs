@@ -2,45 +2,10 @@
 //! scripts can give leaderstats and attributes, `GetPlayers`, `GetPlayerByUserId`,
 //! `PlayerRemoving` before the player leaves the tree, and `Kick`.
 
-use std::rc::Rc;
-use std::sync::Arc;
+mod common;
 
-use blox_datastore::DataStoreContext;
-use blox_datastore::backend::{self, OpenOptions};
-use blox_datastore::budget::Throttling;
-use blox_engine::{Engine, ServerIdentity};
-use blox_scheduler::RealClock;
-
-fn with_engine(test: impl AsyncFnOnce(&Engine)) {
-    let folder = tempfile::tempdir().unwrap();
-    let database = tokio::runtime::Runtime::new().unwrap();
-    let url = format!(
-        "sqlite://{}",
-        folder.path().join("players.sqlite3").display()
-    );
-    let backend = database
-        .block_on(backend::open(&url, &OpenOptions::default()))
-        .unwrap();
-    let vm = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    vm.block_on(async {
-        let context = DataStoreContext::new(
-            Arc::clone(&backend),
-            database.handle().clone(),
-            7,
-            Throttling::Off,
-        );
-        let identity = ServerIdentity {
-            place_id: 1,
-            game_id: 7,
-            job_id: blox_engine::new_guid(),
-        };
-        let engine = Engine::new(identity, context, Rc::new(RealClock::new())).unwrap();
-        test(&engine).await;
-    });
-}
+use blox_engine::Engine;
+use common::with_engine;
 
 fn shared<T: mlua::FromLua>(engine: &Engine, name: &str) -> T {
     let shared: mlua::Table = engine.lua().globals().get("shared").unwrap();
