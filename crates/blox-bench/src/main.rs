@@ -539,10 +539,13 @@ impl RawPools {
     /// ordered `Board` (distinct values). Rows go in in large batches and are skipped when
     /// they are already there.
     async fn seed_listing(&self, size: usize) -> anyhow::Result<()> {
-        match self {
-            RawPools::Sqlite { writer, .. } => seed_listing_stores(writer, size).await,
-            RawPools::Postgres(pool) => seed_listing_stores(pool, size).await,
+        for seed in &listing_seeds(size) {
+            match self {
+                RawPools::Sqlite { writer, .. } => seed_rows(writer, seed, size).await?,
+                RawPools::Postgres(pool) => seed_rows(pool, seed, size).await?,
+            }
         }
+        Ok(())
     }
 
     /// Makes sure the store the layers benchmark reads holds its keys.
@@ -678,17 +681,9 @@ enum Seed {
     Versions { store: String },
 }
 
-async fn seed_listing_stores<DB>(pool: &Pool<DB>, size: usize) -> anyhow::Result<()>
-where
-    DB: Database,
-    for<'c> &'c Pool<DB>: sqlx::Executor<'c, Database = DB>,
-    for<'q> <DB as Database>::Arguments: sqlx::IntoArguments<DB>,
-    i64: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
-    i16: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
-    bool: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
-    String: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
-{
-    let seeds = [
+/// The stores of the listing benchmark at `size` keys.
+fn listing_seeds(size: usize) -> [Seed; 4] {
+    [
         Seed::Entries {
             store: format!("Listing{size}"),
             kind: StoreKind::Standard,
@@ -707,11 +702,7 @@ where
             kind: StoreKind::Ordered,
             seq: 1,
         },
-    ];
-    for seed in &seeds {
-        seed_rows(pool, seed, size).await?;
-    }
-    Ok(())
+    ]
 }
 
 async fn seed_rows<DB>(pool: &Pool<DB>, seed: &Seed, size: usize) -> anyhow::Result<()>

@@ -110,11 +110,9 @@ impl PageSource for KeyQuery {
         listing.after = after;
         listing.limit = self.page_size + 1;
         let mut rows = context
-            .run(
-                "ListKeysAsync",
-                &self.store_name,
-                move |backend| async move { Ok(backend.list_keys(&listing).await?) },
-            )
+            .run(Self::API, &self.store_name, move |backend| async move {
+                Ok(backend.list_keys(&listing).await?)
+            })
             .await?;
         let next = keep_page(&mut rows, self.page_size).cloned();
         let names = rows
@@ -168,7 +166,7 @@ impl PageSource for StoreQuery {
         listing.after = after.1;
         listing.limit = self.page_size + 1;
         let mut stores = context
-            .run("ListDataStoresAsync", "", move |backend| async move {
+            .run(Self::API, "", move |backend| async move {
                 Ok(backend.list_stores(&listing).await?)
             })
             .await?;
@@ -213,11 +211,9 @@ impl PageSource for VersionQuery {
         listing.after_seq = after.1.parse().ok();
         listing.limit = self.page_size + 1;
         let mut versions = context
-            .run(
-                "ListVersionsAsync",
-                &self.store_name,
-                move |backend| async move { Ok(backend.list_versions(&listing).await?) },
-            )
+            .run(Self::API, &self.store_name, move |backend| async move {
+                Ok(backend.list_versions(&listing).await?)
+            })
             .await?;
         let next = keep_page(&mut versions, self.page_size)
             .map(|last| (String::new(), last.version.seq.to_string()));
@@ -286,7 +282,8 @@ impl<S: PageSource> Pages<S> {
         after: Position,
     ) -> mlua::Result<Self> {
         context
-            .spend(lua, S::FAMILY, 1, S::API, source.store_name(), "")
+            .budgets
+            .acquire(lua, S::FAMILY, 1, S::API, source.store_name(), "")
             .await?;
         let page = source.fetch(&context, after).await?;
         Ok(Self {
@@ -325,7 +322,8 @@ impl<S: PageSource> UserData for Pages<S> {
             let store = pages.source.store_name().to_owned();
             pages
                 .context
-                .spend(&lua, S::FAMILY, 1, S::API, &store, "")
+                .budgets
+                .acquire(&lua, S::FAMILY, 1, S::API, &store, "")
                 .await?;
             let next = pages.source.fetch(&pages.context, after).await?;
             *pages.page.borrow_mut() = next;

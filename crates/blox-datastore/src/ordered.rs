@@ -307,7 +307,8 @@ impl OrderedDataStore {
         // One OrderedRead per key, as Roblox counts it.
         this.0
             .context
-            .spend(
+            .budgets
+            .acquire(
                 &lua,
                 Family::OrderedRead,
                 count as u32,
@@ -441,11 +442,9 @@ impl PageSource for SortedQuery {
         listing.after = after.0.parse().ok().map(|value| (value, after.1));
         listing.limit = self.page_size + 1;
         let mut entries = context
-            .run(
-                "GetSortedAsync",
-                &self.store_name,
-                move |backend| async move { Ok(backend.list_sorted(&listing).await?) },
-            )
+            .run(Self::API, &self.store_name, move |backend| async move {
+                Ok(backend.list_sorted(&listing).await?)
+            })
             .await?;
         let next = keep_page(&mut entries, self.page_size)
             .map(|(key, value)| (value.to_string(), key.clone()));

@@ -55,7 +55,7 @@ pub struct DataStoreContext {
     /// `OnUpdate` subscriptions and what they have seen.
     updates: UpdateWatch,
     /// This server's request budgets and throttle queues.
-    budgets: RequestBudgets,
+    pub(crate) budgets: RequestBudgets,
 }
 
 impl DataStoreContext {
@@ -85,22 +85,6 @@ impl DataStoreContext {
     /// Sets the live player count that request budgets scale with.
     pub fn set_player_count(&self, players: u32) {
         self.budgets.set_players(players);
-    }
-
-    /// Spends `cost` requests of `family` for a call of `api`, waiting in its throttle
-    /// queue when over budget (see [`crate::budget`]).
-    pub(crate) async fn spend(
-        &self,
-        lua: &Lua,
-        family: Family,
-        cost: u32,
-        api: &'static str,
-        store: &str,
-        key: &str,
-    ) -> mlua::Result<()> {
-        self.budgets
-            .acquire(lua, family, cost, api, store, key)
-            .await
     }
 
     /// The server's `OnUpdate` state.
@@ -421,7 +405,8 @@ impl DataStore {
     ) -> mlua::Result<()> {
         let key = crate::backend::unescape_stored_text(&key.key);
         self.context
-            .spend(lua, family, 1, api, &self.name, &key)
+            .budgets
+            .acquire(lua, family, 1, api, &self.name, &key)
             .await
     }
 

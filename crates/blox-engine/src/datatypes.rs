@@ -78,12 +78,12 @@ macro_rules! vector {
             }
 
             /// The right operand of arithmetic: a vector, or a number for every axis.
-            fn operand(value: Value) -> mlua::Result<Self> {
+            fn operand(lua: &Lua, value: Value) -> mlua::Result<Self> {
                 match value {
                     Value::Integer(_) | Value::Number(_) => {
                         Ok(Self::splat(number(&value, stringify!($type))?))
                     }
-                    other => Self::from_lua(other, &Lua::new()),
+                    other => Self::from_lua(other, lua),
                 }
             }
         }
@@ -107,17 +107,17 @@ macro_rules! vector {
                 methods.add_method("FuzzyEq", |_, a, (b, epsilon): ($type, Option<f64>)| {
                     Ok(a.map(b, |a, b| a - b).magnitude() <= epsilon.unwrap_or(1e-5))
                 });
-                methods.add_meta_method(MetaMethod::Add, |_, a, b: Value| {
-                    Ok(a.map($type::operand(b)?, |a, b| a + b))
+                methods.add_meta_method(MetaMethod::Add, |lua, a, b: Value| {
+                    Ok(a.map($type::operand(lua, b)?, |a, b| a + b))
                 });
-                methods.add_meta_method(MetaMethod::Sub, |_, a, b: Value| {
-                    Ok(a.map($type::operand(b)?, |a, b| a - b))
+                methods.add_meta_method(MetaMethod::Sub, |lua, a, b: Value| {
+                    Ok(a.map($type::operand(lua, b)?, |a, b| a - b))
                 });
-                methods.add_meta_method(MetaMethod::Mul, |_, a, b: Value| {
-                    Ok(a.map($type::operand(b)?, |a, b| a * b))
+                methods.add_meta_method(MetaMethod::Mul, |lua, a, b: Value| {
+                    Ok(a.map($type::operand(lua, b)?, |a, b| a * b))
                 });
-                methods.add_meta_method(MetaMethod::Div, |_, a, b: Value| {
-                    Ok(a.map($type::operand(b)?, |a, b| a / b))
+                methods.add_meta_method(MetaMethod::Div, |lua, a, b: Value| {
+                    Ok(a.map($type::operand(lua, b)?, |a, b| a / b))
                 });
                 methods.add_meta_method(MetaMethod::Unm, |_, a, ()| {
                     Ok(a.map(Self::splat(-1.0), |a, b| a * b))

@@ -17,7 +17,7 @@
 //! and `ChildRemoved` on the old ancestors, the move, then `ChildAdded`, `DescendantAdded`,
 //! `AncestryChanged` and `Changed("Parent")`.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::time::Duration;
@@ -140,6 +140,9 @@ pub struct Tree {
     destroyed: RefCell<HashSet<Ref>>,
     /// Class-specific methods, created once per VM.
     methods: RefCell<HashMap<&'static str, Function>>,
+    /// Counts changes to the tree (parents, names, properties, attributes), so observers
+    /// such as replication can skip a frame in which nothing changed.
+    changes: Cell<u64>,
 }
 
 impl std::fmt::Debug for Tree {
@@ -174,6 +177,7 @@ impl Tree {
             collected: Rc::default(),
             destroyed: RefCell::default(),
             methods: RefCell::default(),
+            changes: Cell::new(0),
         });
         lua.set_app_data(Rc::clone(&tree));
         Ok(tree)
@@ -270,6 +274,15 @@ impl Tree {
         self.dom.borrow().descendants().count()
     }
 
+    /// `instances` as a Luau array of their userdata.
+    pub fn sequence(&self, lua: &Lua, instances: Vec<Ref>) -> mlua::Result<mlua::Table> {
+        let handles = instances
+            .into_iter()
+            .map(|instance| self.handle(lua, instance))
+            .collect::<mlua::Result<Vec<_>>>()?;
+        lua.create_sequence_from(handles)
+    }
+
     /// `instance` as a Luau value; nil for the none Ref.
     pub fn value(&self, lua: &Lua, instance: Ref) -> mlua::Result<Value> {
         if instance.is_none() || self.dom.borrow().get_by_ref(instance).is_none() {
@@ -359,6 +372,16 @@ impl Tree {
         if let Some(i) = self.dom.borrow_mut().get_by_ref_mut(instance) {
             i.properties.insert(rbx_dom_weak::ustr(name), value);
         }
+        self.touch();
+    }
+
+    /// How many changes the tree has seen; equal counts mean nothing changed in between.
+    pub fn changes(&self) -> u64 {
+        self.changes.get()
+    }
+
+    fn touch(&self) {
+        self.changes.set(self.changes.get() + 1);
     }
 
     /// Sets a property and fires `Changed` and its property signal.
@@ -454,6 +477,7 @@ impl Tree {
             }
         }
         self.dom.borrow_mut().transfer_within(instance, new_parent);
+        self.touch();
         if let Some(extras) = self.observed_extras(old_parent) {
             let value = self.handle(lua, instance)?;
             extras.child_removed.fire(lua, value.into_lua_multi(lua)?)?;
@@ -829,23 +853,11 @@ impl UserData for Instance {
         );
         methods.add_method("GetChildren", |lua, this, ()| {
             let tree = Tree::of(lua);
-            let children = tree.children(this.instance);
-            lua.create_sequence_from(
-                children
-                    .into_iter()
-                    .map(|child| tree.handle(lua, child))
-                    .collect::<mlua::Result<Vec<_>>>()?,
-            )
+            tree.sequence(lua, tree.children(this.instance))
         });
         methods.add_method("GetDescendants", |lua, this, ()| {
             let tree = Tree::of(lua);
-            let descendants = tree.descendants(this.instance);
-            lua.create_sequence_from(
-                descendants
-                    .into_iter()
-                    .map(|child| tree.handle(lua, child))
-                    .collect::<mlua::Result<Vec<_>>>()?,
-            )
+            tree.sequence(lua, tree.descendants(this.instance))
         });
         methods.add_method("IsA", |lua, this, class: String| {
             Ok(class_is_a(&Tree::of(lua).class(this.instance), &class))
@@ -958,14 +970,13 @@ fn has_property(tree: &Tree, instance: Ref, name: &str) -> bool {
 /// Reads a member: properties, events, class methods, then children by name.
 fn index(lua: &Lua, instance: Ref, member: &str) -> mlua::Result<Value> {
     let tree = Tree::of(lua);
-    let class = tree.class(instance);
     let signal = |pick: fn(&Extras) -> &Signal| -> mlua::Result<Value> {
         let extras = tree.extras(instance);
         Ok(Value::UserData(lua.create_userdata(pick(&extras).clone())?))
     };
     match member {
         "Name" => return Ok(Value::String(lua.create_string(tree.name(instance))?)),
-        "ClassName" => return Ok(Value::String(lua.create_string(&class)?)),
+        "ClassName" => return Ok(Value::String(lua.create_string(tree.class(instance))?)),
         "Parent" => return tree.value(lua, tree.parent(instance)),
         "Archivable" => {
             return Ok(Value::Boolean(!matches!(
@@ -983,6 +994,7 @@ fn index(lua: &Lua, instance: Ref, member: &str) -> mlua::Result<Value> {
         "AttributeChanged" => return signal(|e| &e.attribute_changed),
         _ => {}
     }
+    let class = tree.class(instance);
     if let Some(value) = class_member(lua, &tree, instance, &class, member)? {
         return Ok(value);
     }
@@ -1230,6 +1242,7 @@ fn new_index(lua: &Lua, instance: Ref, member: &str, value: Value) -> mlua::Resu
             if let Some(i) = tree.dom.borrow_mut().get_by_ref_mut(instance) {
                 i.name = name;
             }
+            tree.touch();
             tree.property_changed(lua, instance, "Name", None)
         }
         "Parent" => {

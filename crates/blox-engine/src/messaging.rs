@@ -8,11 +8,12 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use blox_datastore::codec;
-use blox_messaging::{Bus, Message};
+use blox_messaging::{Bus, BusError, Message};
 use blox_scheduler::{Scheduler, Signal};
 use mlua::{IntoLuaMulti, Lua, MetaMethod, UserData, UserDataFields, UserDataMethods, Value};
 use tokio::sync::mpsc;
@@ -55,6 +56,25 @@ impl MessagingService {
             universe: link.universe,
             topics: RefCell::default(),
             published: Cell::new((0, Duration::ZERO)),
+        }
+    }
+
+    /// Runs `work` with the bus on the database runtime and waits for it, turning a bus
+    /// failure into an error for the script (the cause is logged).
+    async fn on_bus<F, W>(&self, api: &'static str, work: W) -> mlua::Result<()>
+    where
+        F: Future<Output = Result<(), BusError>> + Send + 'static,
+        W: FnOnce(Arc<dyn Bus>) -> F,
+    {
+        match self.runtime.spawn(work(Arc::clone(&self.bus))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(failure)) => {
+                tracing::error!(api, error = %failure, "the message bus failed");
+                Err(error(format!(
+                    "{api} failed: the message bus is unavailable"
+                )))
+            }
+            Err(_) => Err(error(format!("{api} failed: the server is shutting down"))),
         }
     }
 
@@ -143,20 +163,12 @@ impl UserData for MessagingService {
                 }
                 service.published.set((sent + 1, window));
                 blox_scheduler::yield_now().await;
-                let bus = Arc::clone(&service.bus);
                 let message = Message::new(service.universe, topic, data);
-                let sent = service
-                    .runtime
-                    .spawn(async move { bus.publish(&message).await })
-                    .await;
-                match sent {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(failure)) => {
-                        tracing::error!(error = %failure, "publishing a message failed");
-                        Err(error("PublishAsync failed: the message bus is unavailable"))
-                    }
-                    Err(_) => Err(error("PublishAsync failed: the server is shutting down")),
-                }
+                service
+                    .on_bus("PublishAsync", move |bus| async move {
+                        bus.publish(&message).await
+                    })
+                    .await
             },
         );
         methods.add_async_method(
@@ -179,6 +191,10 @@ impl UserData for MessagingService {
                     )));
                 }
                 blox_scheduler::yield_now().await;
+                // The first subscription makes this server a listener on the bus.
+                service
+                    .on_bus("SubscribeAsync", |bus| async move { bus.listen().await })
+                    .await?;
                 let signal = service
                     .topics
                     .borrow_mut()

@@ -17,7 +17,7 @@
 //! rojo-rbx serde form of the value), and what cannot cross (functions, threads) arrives as
 //! nil.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 
@@ -40,6 +40,8 @@ struct Net {
     link: Rc<dyn ClientLink>,
     /// The last state sent to each player, to send only changes.
     sent_states: RefCell<HashMap<i64, String>>,
+    /// The tree's change count at the last replication: an unchanged tree needs no new states.
+    replicated_at: Cell<Option<u64>>,
 }
 
 /// Connects the game to clients through `link`.
@@ -47,6 +49,7 @@ pub fn install(lua: &Lua, link: Rc<dyn ClientLink>) {
     lua.set_app_data(Rc::new(Net {
         link,
         sent_states: RefCell::default(),
+        replicated_at: Cell::new(None),
     }));
 }
 
@@ -218,12 +221,15 @@ pub(crate) fn fire_all_clients(lua: &Lua, remote: Ref, args: MultiValue) -> mlua
 }
 
 /// Sends each player whose attributes or leaderstats changed since the last call its new
-/// state. Called once a frame.
+/// state. Called once a frame; a frame in which the tree did not change costs nothing.
 pub fn replicate(lua: &Lua) -> mlua::Result<()> {
     let Some(net) = net(lua) else {
         return Ok(());
     };
     let tree = Tree::of(lua);
+    if net.replicated_at.replace(Some(tree.changes())) == Some(tree.changes()) {
+        return Ok(());
+    }
     let Some(players) = tree.find_child(tree.game(), "Players") else {
         return Ok(());
     };

@@ -266,13 +266,9 @@ pub fn class_members(
         ("Players", "LocalPlayer") => Ok(Some(Value::Nil)),
         ("Players", "GetPlayers") => method("GetPlayers", |lua, players, _| {
             let tree = Tree::of(lua);
-            let list = lua.create_table()?;
-            for child in tree.children(players) {
-                if tree.class(child) == "Player" {
-                    list.raw_push(tree.handle(lua, child)?)?;
-                }
-            }
-            list.into_lua_multi(lua)
+            let mut found = tree.children(players);
+            found.retain(|child| tree.class(*child) == "Player");
+            tree.sequence(lua, found)?.into_lua_multi(lua)
         }),
         ("Players", "GetPlayerByUserId") => method("GetPlayerByUserId", |lua, players, args| {
             let user_id: f64 = match args.into_iter().next() {

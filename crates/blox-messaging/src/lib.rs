@@ -4,19 +4,23 @@
 //! Servers already share a database, so that is the message bus too; nothing else has to be
 //! deployed. PostgreSQL delivers with `NOTIFY`/`LISTEN` on one channel (a push, typically
 //! within a millisecond; the payload carries universe, topic, data and send time). SQLite has
-//! no notifications between processes, so messages go into a table that every server polls
-//! every 50 ms and that is trimmed of messages older than a minute. Delivery is best effort
-//! and unordered across servers, as Roblox documents for MessagingService.
+//! no notifications between processes, so messages go into a table that every listening
+//! server polls every 50 ms and that is trimmed of messages older than a minute. Delivery is
+//! best effort and unordered across servers, as Roblox documents for MessagingService.
+//!
+//! A bus costs nothing until it is used: its pool connects on the first publish, and a server
+//! starts listening (the PostgreSQL `LISTEN` connection, the SQLite poll) only when it first
+//! subscribes ([`Bus::listen`]), so games that never use MessagingService pay for none of it.
 
 use std::path::Path;
 use std::str::FromStr as _;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
-use tokio::sync::mpsc;
+use tokio::sync::{OnceCell, mpsc};
 
 /// The PostgreSQL notification channel every Blox server listens on.
 const CHANNEL: &str = "blox_messages";
@@ -84,43 +88,35 @@ pub enum BusError {
     Database(#[from] sqlx::Error),
 }
 
-/// Publishes messages; [`open`] hands out the receiving side.
+/// Publishes messages, and delivers the universe's messages once told to listen.
 #[async_trait]
 pub trait Bus: Send + Sync + std::fmt::Debug {
-    /// Sends `message` to every server of its universe.
+    /// Sends `message` to every listening server of its universe.
     async fn publish(&self, message: &Message) -> Result<(), BusError>;
+
+    /// Starts delivering the universe's messages to the receiver [`open`] returned. Only the
+    /// first call does anything.
+    async fn listen(&self) -> Result<(), BusError>;
 }
 
-/// Connects to the bus of the database at `url` (the same URL as the DataStore's) and starts
-/// listening, on the current Tokio runtime, for the messages of `universe`.
-pub async fn open(
+/// The bus of the database at `url` (the same URL as the DataStore's) for `universe`, and the
+/// receiver its messages arrive on once [`Bus::listen`] has been called. Connects nothing yet.
+pub fn open(
     url: &str,
     universe: i64,
 ) -> Result<(Arc<dyn Bus>, mpsc::UnboundedReceiver<Message>), BusError> {
     let (deliver, received) = mpsc::unbounded_channel();
+    let deliver = Mutex::new(Some(deliver));
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let pool = PgPoolOptions::new().max_connections(2).connect(url).await?;
-        let mut listener = PgListener::connect_with(&pool).await?;
-        listener.listen(CHANNEL).await?;
-        tokio::spawn(async move {
-            loop {
-                match listener.recv().await {
-                    Ok(notification) => {
-                        let Some(message) = Message::from_json(notification.payload()) else {
-                            continue;
-                        };
-                        if message.universe == universe && deliver.send(message).is_err() {
-                            return;
-                        }
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "messaging listener lost its connection; reconnecting");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                }
-            }
-        });
-        return Ok((Arc::new(PostgresBus { pool }), received));
+        let pool = PgPoolOptions::new().max_connections(2).connect_lazy(url)?;
+        return Ok((
+            Arc::new(PostgresBus {
+                pool,
+                universe,
+                deliver,
+            }),
+            received,
+        ));
     }
     let path = url
         .strip_prefix("sqlite://")
@@ -134,20 +130,25 @@ pub async fn open(
         .busy_timeout(Duration::from_secs(10));
     let pool = SqlitePoolOptions::new()
         .max_connections(2)
-        .connect_with(connect)
-        .await?;
-    sqlx::query(
-        "CREATE TABLE IF NOT EXISTS blox_messages (id INTEGER PRIMARY KEY AUTOINCREMENT, \
-         universe_id INTEGER NOT NULL, topic TEXT NOT NULL, data TEXT NOT NULL, \
-         sent_ms INTEGER NOT NULL)",
-    )
-    .execute(&pool)
-    .await?;
-    let (last,): (i64,) = sqlx::query_as("SELECT COALESCE(MAX(id), 0) FROM blox_messages")
-        .fetch_one(&pool)
-        .await?;
-    tokio::spawn(poll_sqlite(pool.clone(), universe, last, deliver));
-    Ok((Arc::new(SqliteBus { pool }), received))
+        .connect_lazy_with(connect);
+    Ok((
+        Arc::new(SqliteBus {
+            pool,
+            universe,
+            table: OnceCell::new(),
+            deliver,
+        }),
+        received,
+    ))
+}
+
+/// Takes the delivery end out of its slot: `Some` on the first call only.
+fn take_delivery(
+    slot: &Mutex<Option<mpsc::UnboundedSender<Message>>>,
+) -> Option<mpsc::UnboundedSender<Message>> {
+    slot.lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .take()
 }
 
 /// Delivers the universe's new SQLite messages every [`POLL_INTERVAL`] and trims old ones.
@@ -204,6 +205,8 @@ async fn poll_sqlite(
 #[derive(Debug)]
 struct PostgresBus {
     pool: PgPool,
+    universe: i64,
+    deliver: Mutex<Option<mpsc::UnboundedSender<Message>>>,
 }
 
 #[async_trait]
@@ -216,16 +219,67 @@ impl Bus for PostgresBus {
             .await?;
         Ok(())
     }
+
+    async fn listen(&self) -> Result<(), BusError> {
+        let Some(deliver) = take_delivery(&self.deliver) else {
+            return Ok(());
+        };
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(CHANNEL).await?;
+        let universe = self.universe;
+        tokio::spawn(async move {
+            loop {
+                match listener.recv().await {
+                    Ok(notification) => {
+                        let Some(message) = Message::from_json(notification.payload()) else {
+                            continue;
+                        };
+                        if message.universe == universe && deliver.send(message).is_err() {
+                            return;
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "messaging listener lost its connection; reconnecting");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
 }
 
 #[derive(Debug)]
 struct SqliteBus {
     pool: SqlitePool,
+    universe: i64,
+    /// Set once the messages table exists.
+    table: OnceCell<()>,
+    deliver: Mutex<Option<mpsc::UnboundedSender<Message>>>,
+}
+
+impl SqliteBus {
+    async fn ensure_table(&self) -> Result<(), BusError> {
+        self.table
+            .get_or_try_init(|| async {
+                sqlx::query(
+                    "CREATE TABLE IF NOT EXISTS blox_messages (id INTEGER PRIMARY KEY AUTOINCREMENT, \
+                     universe_id INTEGER NOT NULL, topic TEXT NOT NULL, data TEXT NOT NULL, \
+                     sent_ms INTEGER NOT NULL)",
+                )
+                .execute(&self.pool)
+                .await
+                .map(drop)
+            })
+            .await?;
+        Ok(())
+    }
 }
 
 #[async_trait]
 impl Bus for SqliteBus {
     async fn publish(&self, message: &Message) -> Result<(), BusError> {
+        self.ensure_table().await?;
         sqlx::query(
             "INSERT INTO blox_messages (universe_id, topic, data, sent_ms) VALUES (?1, ?2, ?3, ?4)",
         )
@@ -237,6 +291,18 @@ impl Bus for SqliteBus {
         .await?;
         Ok(())
     }
+
+    async fn listen(&self) -> Result<(), BusError> {
+        let Some(deliver) = take_delivery(&self.deliver) else {
+            return Ok(());
+        };
+        self.ensure_table().await?;
+        let (last,): (i64,) = sqlx::query_as("SELECT COALESCE(MAX(id), 0) FROM blox_messages")
+            .fetch_one(&self.pool)
+            .await?;
+        tokio::spawn(poll_sqlite(self.pool.clone(), self.universe, last, deliver));
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -246,9 +312,12 @@ mod tests {
 
     async fn crosses_between_servers(database: TestDatabase) {
         let scratch = Scratch::new(database, "messaging");
-        let (first, mut first_inbox) = open(&scratch.url, 5).await.unwrap();
-        let (_second, mut second_inbox) = open(&scratch.url, 5).await.unwrap();
-        let (_elsewhere, mut other_universe) = open(&scratch.url, 6).await.unwrap();
+        let (first, mut first_inbox) = open(&scratch.url, 5).unwrap();
+        let (second, mut second_inbox) = open(&scratch.url, 5).unwrap();
+        let (elsewhere, mut other_universe) = open(&scratch.url, 6).unwrap();
+        for bus in [&first, &second, &elsewhere] {
+            bus.listen().await.unwrap();
+        }
         let sent = Message::new(5, "Announcements".to_owned(), r#"{"text":"hi"}"#.to_owned());
         first.publish(&sent).await.unwrap();
         for inbox in [&mut first_inbox, &mut second_inbox] {

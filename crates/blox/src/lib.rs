@@ -194,11 +194,11 @@ impl Host {
         Ok(engine)
     }
 
-    /// Opens the MessagingService bus of `universe` on the host's database.
+    /// The MessagingService bus of `universe` on the host's database (it connects on first
+    /// use, on the database runtime).
     fn messaging(&self, universe: i64) -> Result<MessagingLink, HostError> {
-        let (bus, inbox) = self
-            .database
-            .block_on(blox_messaging::open(&self.url, universe))?;
+        let _runtime = self.database.enter();
+        let (bus, inbox) = blox_messaging::open(&self.url, universe)?;
         Ok(MessagingLink {
             bus,
             inbox,
