@@ -163,7 +163,13 @@ impl Tree {
         let mut dom = WeakDom::new(InstanceBuilder::new("DataModel").with_name("Game"));
         let game = dom.root_ref();
         for service in services {
-            dom.insert(game, InstanceBuilder::new(*service).with_name(*service));
+            let instance = dom.insert(game, InstanceBuilder::new(*service).with_name(*service));
+            // `game.Workspace` is a property of DataModel in Roblox's API, pointing here.
+            if *service == "Workspace" {
+                dom.root_mut()
+                    .properties
+                    .insert(rbx_dom_weak::ustr("Workspace"), Variant::Ref(instance));
+            }
         }
         let handles = lua.create_table()?;
         let weak_values = lua.create_table()?;
@@ -721,11 +727,6 @@ pub struct Instance {
 }
 
 impl Instance {
-    /// The instance this userdata stands for.
-    pub fn instance(&self) -> Ref {
-        self.instance
-    }
-
     /// The instance a Luau value stands for, if it is one.
     pub fn from_value(value: &Value) -> Option<Ref> {
         match value {

@@ -254,8 +254,6 @@ pub fn class_members(
             Ok(MultiValue::new())
         }),
         ("DataModel", name) if HOST_SERVICES.contains(&name) => state.service(lua, name),
-        // A property of DataModel in Roblox's API, which is the Workspace service.
-        ("DataModel", "Workspace") => state.service(lua, "Workspace"),
         ("Players", "PlayerAdded") => Ok(Some(Value::UserData(
             lua.create_userdata(state.player_added.clone())?,
         ))),
