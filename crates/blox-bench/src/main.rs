@@ -197,21 +197,28 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "| op | coroutines | Luau ops/s | Luau p50 ms | Luau p99 ms | sqlx ops/s | sqlx p50 ms | sqlx p99 ms | Luau/sqlx | timer lag p99 ms | timer lag max ms |"
+        "| op | coroutines | Luau ops/s | Luau p50 ms | Luau p99 ms | sqlx ops/s | sqlx p50 ms | sqlx p99 ms | Luau/sqlx | timer lag p99 ms | timer lag max ms | sqlx CPU µs/op | Luau CPU µs/op | VM thread µs/op |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &op in &args.ops {
         for &concurrency in &args.concurrency {
             let mut luau_runs = Vec::new();
             let mut sqlx_runs = Vec::new();
             for _ in 0..args.rounds.max(1) {
-                sqlx_runs.push(runtime.block_on(raw.run(op, concurrency, args.seconds))?);
-                luau_runs.push(run_luau(&host, op, concurrency, args.seconds)?);
+                sqlx_runs.push(CpuUse::of(|| {
+                    runtime.block_on(raw.run(op, concurrency, args.seconds))
+                })?);
+                luau_runs.push(CpuUse::of(|| {
+                    run_luau(&host, op, concurrency, args.seconds)
+                })?);
             }
-            let (luau, lag_p99, lag_max) = median_by_rate(luau_runs, |run| run.0.rate);
-            let sqlx = median_by_rate(sqlx_runs, |run| run.rate);
+            let ((luau, lag_p99, lag_max), luau_cpu) =
+                median_by_rate(luau_runs, |run| run.0.0.rate);
+            let (sqlx, sqlx_cpu) = median_by_rate(sqlx_runs, |run| run.0.rate);
+            let luau_ops = luau.rate * luau_cpu.elapsed.as_secs_f64();
+            let sqlx_ops = sqlx.rate * sqlx_cpu.elapsed.as_secs_f64();
             println!(
-                "| {op:?} | {concurrency} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} |",
+                "| {op:?} | {concurrency} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} |",
                 luau.rate,
                 luau.p50_ms,
                 luau.p99_ms,
@@ -220,12 +227,65 @@ fn main() -> anyhow::Result<()> {
                 sqlx.p99_ms,
                 luau.rate / sqlx.rate,
                 lag_p99,
-                lag_max
+                lag_max,
+                sqlx_cpu.process.as_secs_f64() * 1e6 / sqlx_ops,
+                luau_cpu.process.as_secs_f64() * 1e6 / luau_ops,
+                luau_cpu.this_thread.as_secs_f64() * 1e6 / luau_ops,
             );
         }
     }
     host.shutdown(Duration::from_secs(5));
     Ok(())
+}
+
+/// CPU time spent during one measurement, read from Linux's per-thread scheduler statistics.
+/// On a saturated machine the throughput ratio follows the CPU each call costs, and CPU per
+/// call is far steadier from run to run than throughput, so the table reports both.
+#[derive(Debug, Clone, Copy)]
+struct CpuUse {
+    /// Wall-clock time of the measurement.
+    elapsed: Duration,
+    /// CPU time of every thread of the process.
+    process: Duration,
+    /// CPU time of the calling thread: the VM thread in a Luau measurement.
+    this_thread: Duration,
+}
+
+impl CpuUse {
+    fn of<T>(measure: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, CpuUse)> {
+        let (process, this_thread, started) = (process_cpu(), thread_cpu(), Instant::now());
+        let outcome = measure()?;
+        let used = CpuUse {
+            elapsed: started.elapsed(),
+            process: process_cpu().saturating_sub(process),
+            this_thread: thread_cpu().saturating_sub(this_thread),
+        };
+        Ok((outcome, used))
+    }
+}
+
+/// CPU time of every live thread of this process so far.
+fn process_cpu() -> Duration {
+    std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|task| scheduled_time(&task.path().join("schedstat")))
+        .sum()
+}
+
+/// CPU time of the calling thread so far.
+fn thread_cpu() -> Duration {
+    scheduled_time(std::path::Path::new("/proc/thread-self/schedstat"))
+}
+
+/// The first field of a `schedstat` file: nanoseconds spent on a CPU; zero where unreadable.
+fn scheduled_time(path: &std::path::Path) -> Duration {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse().ok())
+        .map(Duration::from_nanos)
+        .unwrap_or_default()
 }
 
 /// The run with the median rate.

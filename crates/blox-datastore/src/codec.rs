@@ -23,10 +23,10 @@
 //! the database runtime, so the VM thread only converts the finished tree into Luau values.
 
 use std::collections::HashSet;
-use std::ffi::c_void;
+use std::ffi::{c_int, c_void};
 use std::fmt::Write as _;
 
-use mlua::{Lua, Table, Value};
+use mlua::{Lua, Table, Value, ffi};
 
 use crate::error::DataStoreError;
 
@@ -466,25 +466,61 @@ impl Parser<'_> {
 
 /// Builds the Luau value for a decoded tree: a fresh table every time, so scripts can mutate
 /// what they read without touching anything else.
+///
+/// This is the one place the VM thread turns every value a script reads into Luau, so it
+/// builds the whole tree inside a single protected call with Luau's C API. Through mlua's safe
+/// API each string and each table slot would be a protected call of its own, which made this
+/// conversion the largest cost of a `GetAsync` on the VM thread (BENCHMARKS.md).
+#[allow(unsafe_code)]
 pub fn to_lua(lua: &Lua, stored: &Stored) -> mlua::Result<Value> {
-    Ok(match stored {
-        Stored::Null => Value::Nil,
-        Stored::Bool(b) => Value::Boolean(*b),
-        Stored::Number(n) => Value::Number(*n),
-        Stored::String(s) => Value::String(lua.create_string(s)?),
-        Stored::Array(items) => {
-            let table = lua.create_table_with_capacity(items.len(), 0)?;
-            for (index, item) in items.iter().enumerate() {
-                table.raw_set(index + 1, to_lua(lua, item)?)?;
+    // SAFETY: `exec_raw` runs the closure as a protected Luau call, so an allocation failure
+    // raised by any function below unwinds to mlua, which returns it as an error. The closure
+    // leaves exactly one value on the stack, checks the stack before every push, and passes
+    // only pointers and lengths of live Rust strings.
+    unsafe { lua.exec_raw((), |state| push_stored(state, stored)) }
+}
+
+/// Pushes `stored` onto the Luau stack of `state`.
+#[allow(unsafe_code)]
+unsafe fn push_stored(state: *mut ffi::lua_State, stored: &Stored) {
+    // SAFETY (for every call below): `state` is the live state `exec_raw` handed over, inside a
+    // protected call; `luaL_checkstack` guarantees the room every push needs (a table, a key
+    // and a value at each level; `MAX_DEPTH` bounds the levels).
+    unsafe {
+        ffi::luaL_checkstack(state, 3, c"stored value".as_ptr());
+        match stored {
+            Stored::Null => ffi::lua_pushnil(state),
+            Stored::Bool(b) => ffi::lua_pushboolean(state, c_int::from(*b)),
+            Stored::Number(n) => ffi::lua_pushnumber(state, *n),
+            Stored::String(text) => push_text(state, text),
+            Stored::Array(items) => {
+                ffi::lua_createtable(state, table_size(items.len()), 0);
+                for (index, item) in (1..).zip(items) {
+                    push_stored(state, item);
+                    ffi::lua_rawseti(state, -2, index);
+                }
             }
-            Value::Table(table)
-        }
-        Stored::Object(fields) => {
-            let table = lua.create_table_with_capacity(0, fields.len())?;
-            for (key, item) in fields {
-                table.raw_set(key.as_str(), to_lua(lua, item)?)?;
+            Stored::Object(fields) => {
+                ffi::lua_createtable(state, 0, table_size(fields.len()));
+                for (key, item) in fields {
+                    push_text(state, key);
+                    push_stored(state, item);
+                    ffi::lua_rawset(state, -3);
+                }
             }
-            Value::Table(table)
         }
-    })
+    }
+}
+
+#[allow(unsafe_code)]
+unsafe fn push_text(state: *mut ffi::lua_State, text: &str) {
+    // SAFETY: the pointer and length come from a live `&str`; Luau copies the bytes.
+    unsafe {
+        ffi::lua_pushlstring(state, text.as_ptr().cast(), text.len());
+    }
+}
+
+/// A size hint for `lua_createtable`; stored values are far below `c_int::MAX` entries.
+fn table_size(len: usize) -> c_int {
+    c_int::try_from(len).unwrap_or(c_int::MAX)
 }

@@ -249,3 +249,36 @@ fn decoding_rejects_what_blox_never_writes() {
         ])
     );
 }
+
+#[test]
+fn building_a_value_too_large_for_the_heap_fails_cleanly() {
+    let lua = Lua::new();
+    let big = Stored::Array(
+        (0..20_000)
+            .map(|i| Stored::String(format!("item number {i} with some padding")))
+            .collect(),
+    );
+    lua.set_memory_limit(lua.used_memory() + 256 * 1024)
+        .unwrap();
+    let error = codec::to_lua(&lua, &big).expect_err("the heap is too small");
+    assert!(matches!(error, mlua::Error::MemoryError(_)), "{error:?}");
+    lua.set_memory_limit(0).unwrap();
+    let value = codec::to_lua(&lua, &big).expect("fits once the limit is lifted");
+    assert_eq!(value.as_table().map(|table| table.raw_len()), Some(20_000));
+}
+
+#[test]
+fn values_nested_as_deep_as_the_codec_allows_build() {
+    let lua = Lua::new();
+    let mut stored = Stored::Bool(true);
+    for depth in 0..codec::MAX_DEPTH {
+        stored = if depth % 2 == 0 {
+            Stored::Array(vec![stored])
+        } else {
+            Stored::Object(vec![("k".to_owned(), stored)])
+        };
+    }
+    let value = codec::to_lua(&lua, &stored).unwrap();
+    let text = codec::encode(&value).unwrap();
+    assert_eq!(codec::decode(&text).unwrap(), stored);
+}
