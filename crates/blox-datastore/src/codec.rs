@@ -22,7 +22,6 @@
 //! Encoding runs on the VM thread (it walks Luau tables); decoding text into [`Stored`] runs on
 //! the database runtime, so the VM thread only converts the finished tree into Luau values.
 
-use std::collections::HashSet;
 use std::ffi::{c_int, c_void};
 use std::fmt::Write as _;
 
@@ -93,8 +92,10 @@ fn type_name(value: &Value) -> String {
 /// Encodes a Luau value as stored JSON text, enforcing Roblox's rules and the size limit.
 pub fn encode(value: &Value) -> Result<String, DataStoreError> {
     let mut encoder = Encoder {
-        out: String::new(),
-        path: HashSet::new(),
+        // Most player records are a few hundred characters: start there instead of growing
+        // through every power of two.
+        out: String::with_capacity(256),
+        path: Vec::new(),
     };
     encoder.value(value, Container::Top, 0)?;
     if encoder.out.len() > MAX_VALUE_LENGTH {
@@ -105,7 +106,9 @@ pub fn encode(value: &Value) -> Result<String, DataStoreError> {
 
 struct Encoder {
     out: String,
-    path: HashSet<*const c_void>,
+    /// The tables being encoded, outermost first: a table met again on this path is a cycle.
+    /// A list, not a set: it is never deeper than `MAX_DEPTH` and usually two or three long.
+    path: Vec<*const c_void>,
 }
 
 impl Encoder {
@@ -131,11 +134,12 @@ impl Encoder {
                     return Err(reject());
                 }
                 let pointer = table.to_pointer();
-                if !self.path.insert(pointer) {
+                if self.path.contains(&pointer) {
                     return Err(reject());
                 }
+                self.path.push(pointer);
                 let result = self.table(table, container, depth);
-                self.path.remove(&pointer);
+                self.path.pop();
                 result?;
             }
             _ => return Err(reject()),
@@ -153,10 +157,15 @@ impl Encoder {
             if len > 0 { "Array" } else { "Dictionary" }
         };
         let length = table.raw_len();
+        // `for_each` walks the table with Luau's raw iterator in one go; `pairs` would make a
+        // protected call per entry, which was most of the encoding time of a SetAsync.
         let mut entries: Vec<(Value, Value)> = Vec::new();
-        for pair in table.pairs::<Value, Value>() {
-            entries.push(pair.map_err(|_| self_reject(container, own_name(length)))?);
-        }
+        table
+            .for_each(|key, value| {
+                entries.push((key, value));
+                Ok(())
+            })
+            .map_err(|_| self_reject(container, own_name(length)))?;
         let bad_shape = || self_reject(container, own_name(length));
 
         let all_integer_keys = entries.iter().all(|(k, _)| array_index(k).is_some());
