@@ -4,10 +4,12 @@
 //! are found by polling once a minute, as Roblox documents: every 60 seconds the keys that
 //! have callbacks are read on the database runtime, and a key whose version differs from the
 //! last one this server saw fires with its new value. The poll runs from a frame hook and
-//! never blocks the VM; a watched key's first poll only records where it stands.
+//! never blocks the VM; a watched key's first poll only records where it stands, and a key this
+//! server wrote while the poll was reading is left to the next poll (the poll's answer may be
+//! older than the write the callbacks already saw).
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -31,6 +33,9 @@ pub(crate) struct UpdateWatch {
     signals: RefCell<HashMap<EntryKey, Signal>>,
     /// The version of each watched key this server last saw (None: absent or removed).
     seen: RefCell<HashMap<EntryKey, Option<i64>>>,
+    /// Keys this server wrote since the running poll started: what the poll read of them may
+    /// be older than what the callbacks already saw, so the poll leaves them alone.
+    written_during_poll: RefCell<HashSet<EntryKey>>,
     polling: Cell<bool>,
     last_poll: Cell<Option<Duration>>,
     pending: RefCell<Option<oneshot::Receiver<PollResult>>>,
@@ -70,6 +75,7 @@ impl UpdateWatch {
         self.seen
             .borrow_mut()
             .insert(key.clone(), state.map(|(_, info)| info.version().seq));
+        self.written_during_poll.borrow_mut().insert(key.clone());
         let args = match state {
             // Ordered stores have no key info: their callbacks get the value alone.
             Some((value, _)) if key.kind == StoreKind::Ordered => {
@@ -121,6 +127,7 @@ impl UpdateWatch {
             return Ok(());
         }
         self.last_poll.set(Some(now));
+        self.written_during_poll.borrow_mut().clear();
         let (send, receive) = oneshot::channel();
         *self.pending.borrow_mut() = Some(receive);
         context.spawn_detached(move |backend| async move {
@@ -139,6 +146,10 @@ impl UpdateWatch {
     /// Fires the callbacks of the keys whose version moved since this server last saw them.
     fn report_changes(&self, lua: &Lua, rows: PollResult) -> mlua::Result<()> {
         for (key, row) in rows {
+            if self.written_during_poll.borrow().contains(&key) {
+                // The next poll looks again; a later write by another server is reported then.
+                continue;
+            }
             let live = row.filter(|entry| !entry.deleted);
             let version = live.as_ref().map(|entry| entry.version.seq);
             let previous = self.seen.borrow_mut().insert(key.clone(), version);

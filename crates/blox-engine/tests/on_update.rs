@@ -16,6 +16,12 @@ fn seen(engine: &Engine) -> Vec<f64> {
     shared.get("seen").unwrap()
 }
 
+/// The callback values a script recorded as text (`nil` included).
+fn events(engine: &Engine) -> Vec<String> {
+    let shared: mlua::Table = engine.lua().globals().get("shared").unwrap();
+    shared.get("seen").unwrap()
+}
+
 /// Steps the watcher's frames (its clock standing still) until `done`, for at most `limit` of
 /// real time (the database answers polls in milliseconds).
 async fn frames_until(engine: &Engine, limit: Duration, done: impl Fn(&Engine) -> bool) {
@@ -103,6 +109,54 @@ fn other_servers_writes_reach_on_update_within_a_minute() {
             seen(&watcher),
             [5.0, 6.0],
             "no second report of a write this server made"
+        );
+    });
+}
+
+/// A poll reads on the database runtime while scripts go on writing. A write this server makes
+/// after the poll read its key must win over the poll's older answer: the callbacks saw the
+/// write at once and must not then hear that the key went back (found in CI, where a first
+/// poll that read the key as absent fired a `nil` after the script's own writes).
+#[test]
+fn a_poll_older_than_this_servers_own_write_reports_nothing() {
+    let database = Database::new();
+    let vm = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    vm.block_on(async {
+        let watcher = database.engine(Rc::new(ManualClock::default()));
+        watcher
+            .start_script(
+                "watch.server.luau",
+                br#"
+                shared.seen = {}
+                game:GetService("DataStoreService"):GetDataStore("Raced"):OnUpdate("k", function(value)
+                    table.insert(shared.seen, tostring(value))
+                end)
+                "#,
+            )
+            .unwrap();
+        // One frame starts the first poll; the database answers it (the key is absent) well
+        // within the pause, before the script below writes the key.
+        watcher.scheduler().step_frame(watcher.lua());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        watcher
+            .start_script(
+                "write.server.luau",
+                br#"game:GetService("DataStoreService"):GetDataStore("Raced"):SetAsync("k", 1)"#,
+            )
+            .unwrap();
+        watcher.run_until_idle().await;
+        assert_eq!(events(&watcher), ["1"], "the own write fires at once");
+        frames_until(&watcher, Duration::from_secs(1), |engine| {
+            events(engine).len() > 1
+        })
+        .await;
+        assert_eq!(
+            events(&watcher),
+            ["1"],
+            "the poll's older answer is not a change"
         );
     });
 }
