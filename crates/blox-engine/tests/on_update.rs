@@ -9,17 +9,20 @@ use std::time::Duration;
 
 use blox_engine::Engine;
 use blox_scheduler::{ManualClock, RealClock};
-use common::Database;
 
-fn seen(engine: &Engine) -> Vec<f64> {
+/// What the watching script recorded in `shared.seen`.
+fn recorded<T: mlua::FromLua>(engine: &Engine) -> Vec<T> {
     let shared: mlua::Table = engine.lua().globals().get("shared").unwrap();
     shared.get("seen").unwrap()
 }
 
+fn seen(engine: &Engine) -> Vec<f64> {
+    recorded(engine)
+}
+
 /// The callback values a script recorded as text (`nil` included).
 fn events(engine: &Engine) -> Vec<String> {
-    let shared: mlua::Table = engine.lua().globals().get("shared").unwrap();
-    shared.get("seen").unwrap()
+    recorded(engine)
 }
 
 /// Steps the watcher's frames (its clock standing still) until `done`, for at most `limit` of
@@ -36,12 +39,7 @@ async fn frames_until(engine: &Engine, limit: Duration, done: impl Fn(&Engine) -
 
 #[test]
 fn other_servers_writes_reach_on_update_within_a_minute() {
-    let database = Database::new();
-    let vm = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    vm.block_on(async {
+    common::on_vm_thread(async |database| {
         let clock = Rc::new(ManualClock::default());
         let watcher = database.engine(clock.clone());
         let writer = database.engine(Rc::new(RealClock::new()));
@@ -119,12 +117,7 @@ fn other_servers_writes_reach_on_update_within_a_minute() {
 /// poll that read the key as absent fired a `nil` after the script's own writes).
 #[test]
 fn a_poll_older_than_this_servers_own_write_reports_nothing() {
-    let database = Database::new();
-    let vm = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    vm.block_on(async {
+    common::on_vm_thread(async |database| {
         let watcher = database.engine(Rc::new(ManualClock::default()));
         watcher
             .start_script(

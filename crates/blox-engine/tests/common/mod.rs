@@ -58,14 +58,19 @@ impl Database {
     }
 }
 
-/// Runs `test` with one real-time server, on the VM thread's own runtime.
-pub fn with_engine(test: impl AsyncFnOnce(&Engine)) {
+/// Runs `test` on a fresh database, on a VM thread's own runtime (where engines live).
+pub fn on_vm_thread(test: impl AsyncFnOnce(&Database)) {
     let database = Database::new();
     let vm = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("a VM runtime");
-    vm.block_on(async {
+    vm.block_on(test(&database));
+}
+
+/// Runs `test` with one real-time server, on the VM thread's own runtime.
+pub fn with_engine(test: impl AsyncFnOnce(&Engine)) {
+    on_vm_thread(async |database| {
         let engine = database.engine(Rc::new(RealClock::new()));
         test(&engine).await;
     });
