@@ -1079,11 +1079,7 @@ fn reflected_assign(
 
 /// A Luau value as the stored value of a property declared as `data_type`, if it fits.
 fn lua_to_variant(value: &Value, data_type: &DataType) -> Option<Variant> {
-    let number = match value {
-        Value::Integer(n) => Some(*n as f64),
-        Value::Number(n) => Some(*n),
-        _ => None,
-    };
+    let number = crate::palette::as_number(value);
     match data_type {
         DataType::Enum(name) => match value {
             Value::UserData(item) => {
@@ -1319,11 +1315,7 @@ fn expected_type(class: &str) -> &'static str {
 
 /// The stored form of a `Value` assigned to a `ValueBase` of `class`, if the type fits.
 fn value_for(class: &str, value: &Value) -> Option<Variant> {
-    let number = match value {
-        Value::Integer(n) => Some(*n as f64),
-        Value::Number(n) => Some(*n),
-        _ => None,
-    };
+    let number = crate::palette::as_number(value);
     match class {
         "IntValue" => number.map(|n| Variant::Int64(n as i64)),
         "NumberValue" => number.map(Variant::Float64),

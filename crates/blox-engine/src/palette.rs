@@ -153,7 +153,7 @@ impl UserData for ColorSequence {
 }
 
 /// A number argument (integers included).
-fn as_number(value: &Value) -> Option<f64> {
+pub(crate) fn as_number(value: &Value) -> Option<f64> {
     match value {
         Value::Integer(n) => Some(*n as f64),
         Value::Number(n) => Some(*n),
