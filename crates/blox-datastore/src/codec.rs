@@ -25,7 +25,7 @@
 use std::ffi::{c_int, c_void};
 use std::fmt::Write as _;
 
-use mlua::{Lua, Table, Value, ffi};
+use mlua::{Lua, Value, ffi};
 
 use crate::error::DataStoreError;
 
@@ -61,43 +61,52 @@ enum Container {
 }
 
 impl Container {
-    fn describe(self, value: &Value) -> String {
-        match self {
-            Container::Top => type_name(value),
+    /// The name error 104 gives a value that cannot be stored here: the value's own type at
+    /// top level, the containing `Array`/`Dictionary` when nested.
+    fn reject(self, own: impl FnOnce() -> String) -> DataStoreError {
+        DataStoreError::CantStoreValue(match self {
+            Container::Top => own(),
             Container::Array => "Array".to_owned(),
             Container::Dictionary => "Dictionary".to_owned(),
-        }
-    }
-}
-
-/// The Roblox type name of a value that cannot be stored.
-fn type_name(value: &Value) -> String {
-    match value {
-        Value::UserData(userdata) => userdata
-            .type_name()
-            .map(|name| name.to_string_lossy())
-            .unwrap_or_else(|_| "userdata".to_owned()),
-        Value::Vector(_) => "Vector3".to_owned(),
-        Value::Table(table) => {
-            if table.raw_len() > 0 {
-                "Array".to_owned()
-            } else {
-                "Dictionary".to_owned()
-            }
-        }
-        other => other.type_name().to_owned(),
+        })
     }
 }
 
 /// Encodes a Luau value as stored JSON text, enforcing Roblox's rules and the size limit.
-pub fn encode(value: &Value) -> Result<String, DataStoreError> {
+///
+/// Encoding is most of the VM thread's share of a SetAsync, so it walks the value with Luau's
+/// C API inside one protected call: raw iteration straight off the table, strings read in
+/// place. Through mlua's safe API every entry would become two registry references and every
+/// key an owned copy (callgrind: 23,000 instructions per encode of the benchmark's player
+/// table that way, BENCHMARKS.md).
+#[allow(unsafe_code)]
+pub fn encode(lua: &Lua, value: &Value) -> Result<String, DataStoreError> {
     let mut encoder = Encoder {
         // Most player records are a few hundred characters: start there instead of growing
         // through every power of two.
         out: String::with_capacity(256),
         path: Vec::new(),
     };
-    encoder.value(value, Container::Top, 0)?;
+    let mut outcome = Ok(());
+    // SAFETY: `exec_raw` pushes `value` as the one argument of a protected call and hands over
+    // its live state. The stack room every level needs is checked with the non-raising
+    // `lua_checkstack`, and the walk only reads (raw iteration, raw gets, strings in place): it
+    // runs no metamethods and modifies no table, so strings borrowed from the stack stay alive
+    // with the tables holding them. The one call that can allocate (the `__type` lookup that
+    // names a rejected userdata) raises at worst an out-of-memory error, which unwinds to the
+    // protected call and comes back from `exec_raw` as an error.
+    let called = unsafe {
+        lua.exec_raw::<()>(value, |state| {
+            outcome = encoder.value(state, 1, Container::Top, 0);
+            ffi::lua_settop(state, 0);
+        })
+    };
+    if let Err(error) = called {
+        // Pushing an existing value onto a checked stack does not fail in practice; if Luau
+        // ever refuses, nothing was encoded and nothing may be written.
+        return Err(DataStoreError::CantStoreValue(error.to_string()));
+    }
+    outcome?;
     if encoder.out.len() > MAX_VALUE_LENGTH {
         return Err(DataStoreError::ValueTooLarge);
     }
@@ -111,142 +120,283 @@ struct Encoder {
     path: Vec<*const c_void>,
 }
 
+/// Stack slots one nesting level uses: a key and a value from the raw iterator.
+const SLOTS_PER_LEVEL: c_int = 2;
+
+#[allow(unsafe_code)]
 impl Encoder {
-    fn value(
+    /// Encodes the value at absolute stack index `index`.
+    ///
+    /// # Safety
+    /// `state` is a live Luau state inside a protected call, and `index` a valid absolute
+    /// index on its stack.
+    unsafe fn value(
         &mut self,
-        value: &Value,
+        state: *mut ffi::lua_State,
+        index: c_int,
         container: Container,
         depth: usize,
     ) -> Result<(), DataStoreError> {
-        let reject = || DataStoreError::CantStoreValue(container.describe(value));
-        match value {
-            Value::Nil => self.out.push_str("null"),
-            Value::Boolean(b) => self.out.push_str(if *b { "true" } else { "false" }),
-            Value::Integer(i) => write_number(&mut self.out, *i as f64),
-            Value::Number(n) => write_number(&mut self.out, *n),
-            Value::String(s) => {
-                let bytes = s.as_bytes();
-                let text = std::str::from_utf8(&bytes).map_err(|_| reject())?;
-                write_string(&mut self.out, text);
-            }
-            Value::Table(table) => {
-                if depth >= MAX_DEPTH {
-                    return Err(reject());
+        // SAFETY: as the function's contract; every read below is of the value at `index`.
+        unsafe {
+            match ffi::lua_type(state, index) {
+                ffi::LUA_TNIL => self.out.push_str("null"),
+                ffi::LUA_TBOOLEAN => self.out.push_str(if ffi::lua_toboolean(state, index) != 0 {
+                    "true"
+                } else {
+                    "false"
+                }),
+                ffi::LUA_TNUMBER => write_number(&mut self.out, ffi::lua_tonumber(state, index)),
+                ffi::LUA_TINTEGER => write_number(
+                    &mut self.out,
+                    ffi::lua_tointeger64(state, index, std::ptr::null_mut()) as f64,
+                ),
+                ffi::LUA_TSTRING => {
+                    let text = string_at(state, index)
+                        .ok_or_else(|| container.reject(|| "string".to_owned()))?;
+                    write_string(&mut self.out, text);
                 }
-                let pointer = table.to_pointer();
-                if self.path.contains(&pointer) {
-                    return Err(reject());
+                ffi::LUA_TTABLE => {
+                    let reject = || container.reject(|| table_kind(state, index).to_owned());
+                    if depth >= MAX_DEPTH || ffi::lua_checkstack(state, SLOTS_PER_LEVEL) == 0 {
+                        return Err(reject());
+                    }
+                    let pointer = ffi::lua_topointer(state, index);
+                    if self.path.contains(&pointer) {
+                        return Err(reject());
+                    }
+                    self.path.push(pointer);
+                    let result = self.table(state, index, container, depth);
+                    self.path.pop();
+                    result?;
                 }
-                self.path.push(pointer);
-                let result = self.table(table, container, depth);
-                self.path.pop();
-                result?;
+                other => return Err(container.reject(|| unstorable_type(state, index, other))),
             }
-            _ => return Err(reject()),
         }
         Ok(())
     }
 
-    fn table(
+    /// Encodes the table at absolute stack index `table` as an array (keys exactly `1..n`) or
+    /// a dictionary with sorted keys.
+    ///
+    /// # Safety
+    /// As [`Encoder::value`], with a table at `table` and room for two more stack slots.
+    unsafe fn table(
         &mut self,
-        table: &Table,
+        state: *mut ffi::lua_State,
+        table: c_int,
         container: Container,
         depth: usize,
     ) -> Result<(), DataStoreError> {
-        let own_name = |len: usize| {
-            if len > 0 { "Array" } else { "Dictionary" }
-        };
-        let length = table.raw_len();
-        // `for_each` walks the table with Luau's raw iterator in one go; `pairs` would make a
-        // protected call per entry, which was most of the encoding time of a SetAsync.
-        let mut entries: Vec<(Value, Value)> = Vec::new();
-        table
-            .for_each(|key, value| {
-                entries.push((key, value));
-                Ok(())
-            })
-            .map_err(|_| self_reject(container, own_name(length)))?;
-        let bad_shape = || self_reject(container, own_name(length));
-
-        let all_integer_keys = entries.iter().all(|(k, _)| array_index(k).is_some());
-        if entries.is_empty() || (length > 0 && all_integer_keys) {
-            // An array: its keys must be exactly 1..n.
-            if entries.len() != length {
+        // SAFETY: as the function's contract. `lua_rawiter` pushes a key and a value (the two
+        // checked slots), popped before the next step; an unmodified table iterates the same
+        // way every time, so a saved iterator position finds its entry again.
+        unsafe {
+            let length = ffi::lua_objlen(state, table);
+            let bad_shape = || container.reject(|| table_kind(state, table).to_owned());
+            if length > 0 {
+                // An array: every key an index in 1..=n, as many entries as the length says.
+                let mut entries = 0;
+                let mut position = ffi::lua_rawiter(state, table, 0);
+                while position >= 0 {
+                    let index = array_index(state, -2);
+                    ffi::lua_pop(state, 2);
+                    if index.is_none_or(|index| index > length) {
+                        return Err(bad_shape());
+                    }
+                    entries += 1;
+                    position = ffi::lua_rawiter(state, table, position);
+                }
+                if entries != length {
+                    return Err(bad_shape());
+                }
+                self.out.push('[');
+                for index in 1..=length {
+                    if index > 1 {
+                        self.out.push(',');
+                    }
+                    ffi::lua_rawgeti(state, table, index as _);
+                    let item = ffi::lua_gettop(state);
+                    let result = self.value(state, item, Container::Array, depth + 1);
+                    ffi::lua_pop(state, 1);
+                    result?;
+                }
+                self.out.push(']');
+                return Ok(());
+            }
+            // A dictionary (or the empty table, stored as `[]`): every key named first, so a
+            // bad key is reported before any value is looked at, then the values in key order.
+            let mut fields: Vec<(KeyName<'_>, c_int)> = Vec::new();
+            let mut at = 0;
+            let mut next = ffi::lua_rawiter(state, table, at);
+            while next >= 0 {
+                let name = key_name(state, -2);
+                ffi::lua_pop(state, 2);
+                fields.push((name.ok_or_else(bad_shape)?, at));
+                at = next;
+                next = ffi::lua_rawiter(state, table, at);
+            }
+            if fields.is_empty() {
+                self.out.push_str("[]");
+                return Ok(());
+            }
+            // Sorted, so equal tables always store the same text whatever Luau's hash order.
+            fields.sort_unstable_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+            if fields
+                .windows(2)
+                .any(|pair| pair[0].0.as_str() == pair[1].0.as_str())
+            {
+                // `{[5] = 1, ["5"] = 2}`: two keys that are the same once stringified.
                 return Err(bad_shape());
             }
-            let mut items: Vec<Option<&Value>> = vec![None; length];
-            for (key, value) in &entries {
-                let index = array_index(key).ok_or_else(bad_shape)?;
-                match items.get_mut(index - 1) {
-                    Some(slot @ None) => *slot = Some(value),
-                    _ => return Err(bad_shape()),
-                }
-            }
-            self.out.push('[');
-            for (position, item) in items.into_iter().enumerate() {
+            self.out.push('{');
+            for (position, (name, at)) in fields.iter().enumerate() {
                 if position > 0 {
                     self.out.push(',');
                 }
-                self.value(item.ok_or_else(bad_shape)?, Container::Array, depth + 1)?;
+                write_string(&mut self.out, name.as_str());
+                self.out.push(':');
+                ffi::lua_rawiter(state, table, *at);
+                let item = ffi::lua_gettop(state);
+                let result = self.value(state, item, Container::Dictionary, depth + 1);
+                ffi::lua_pop(state, 2);
+                result?;
             }
-            self.out.push(']');
-            return Ok(());
+            self.out.push('}');
         }
-        if length > 0 {
-            // Mixed: an array part next to other keys.
-            return Err(bad_shape());
-        }
-        let mut fields = Vec::with_capacity(entries.len());
-        for (key, value) in &entries {
-            let name = match key {
-                Value::String(s) => {
-                    let bytes = s.as_bytes();
-                    std::str::from_utf8(&bytes)
-                        .map_err(|_| bad_shape())?
-                        .to_owned()
-                }
-                Value::Integer(i) => i.to_string(),
-                Value::Number(n) if n.is_finite() => number_key(*n),
-                _ => return Err(bad_shape()),
-            };
-            fields.push((name, value));
-        }
-        // Sorted, so equal tables always store the same text whatever Luau's hash order.
-        fields.sort_by(|a, b| a.0.cmp(&b.0));
-        if fields.windows(2).any(|pair| pair[0].0 == pair[1].0) {
-            // `{[5] = 1, ["5"] = 2}`: two keys that are the same once stringified.
-            return Err(bad_shape());
-        }
-        self.out.push('{');
-        for (position, (name, value)) in fields.into_iter().enumerate() {
-            if position > 0 {
-                self.out.push(',');
-            }
-            write_string(&mut self.out, &name);
-            self.out.push(':');
-            self.value(value, Container::Dictionary, depth + 1)?;
-        }
-        self.out.push('}');
         Ok(())
     }
 }
 
-fn self_reject(container: Container, own: &str) -> DataStoreError {
-    DataStoreError::CantStoreValue(match container {
-        Container::Top => own.to_owned(),
-        Container::Array => "Array".to_owned(),
-        Container::Dictionary => "Dictionary".to_owned(),
-    })
+/// A dictionary key as stored: a Luau string read in place, or a stringified number.
+enum KeyName<'a> {
+    Borrowed(&'a str),
+    Number(String),
 }
 
-/// The 1-based index a key stands for, when it is a positive integer.
-fn array_index(key: &Value) -> Option<usize> {
-    match key {
-        Value::Integer(i) if *i >= 1 => usize::try_from(*i).ok(),
-        Value::Number(n) if n.fract() == 0.0 && *n >= 1.0 && *n <= 9_007_199_254_740_992.0 => {
-            Some(*n as usize)
+impl KeyName<'_> {
+    fn as_str(&self) -> &str {
+        match self {
+            KeyName::Borrowed(text) => text,
+            KeyName::Number(text) => text,
         }
-        _ => None,
+    }
+}
+
+/// The UTF-8 text of the string at `index`, borrowed from Luau; `None` for invalid UTF-8.
+///
+/// # Safety
+/// The value at `index` is a string that outlives the returned borrow.
+#[allow(unsafe_code)]
+unsafe fn string_at<'a>(state: *mut ffi::lua_State, index: c_int) -> Option<&'a str> {
+    let mut length = 0;
+    // SAFETY: for a string value `lua_tolstring` converts nothing and returns a pointer to its
+    // `length` bytes, which live as long as the string.
+    let bytes = unsafe {
+        let pointer = ffi::lua_tolstring(state, index, &mut length);
+        std::slice::from_raw_parts(pointer.cast::<u8>(), length)
+    };
+    std::str::from_utf8(bytes).ok()
+}
+
+/// How a dictionary key is stored: strings as they are (UTF-8 only), numbers as Luau's
+/// `tostring` writes them; `None` for any other key.
+///
+/// # Safety
+/// As [`string_at`], for the key at `index`.
+#[allow(unsafe_code)]
+unsafe fn key_name<'a>(state: *mut ffi::lua_State, index: c_int) -> Option<KeyName<'a>> {
+    // SAFETY: as the function's contract; numbers are read, never converted in place.
+    unsafe {
+        match ffi::lua_type(state, index) {
+            ffi::LUA_TSTRING => string_at(state, index).map(KeyName::Borrowed),
+            ffi::LUA_TNUMBER => {
+                let n = ffi::lua_tonumber(state, index);
+                if n.fract() == 0.0 && (I64_RANGE_START..-I64_RANGE_START).contains(&n) {
+                    Some(KeyName::Number((n as i64).to_string()))
+                } else if n.is_finite() {
+                    Some(KeyName::Number(number_key(n)))
+                } else {
+                    None
+                }
+            }
+            ffi::LUA_TINTEGER => Some(KeyName::Number(
+                ffi::lua_tointeger64(state, index, std::ptr::null_mut()).to_string(),
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// -2^63 as a float: integral keys from here up to (not including) 2^63 stringify as `i64`s,
+/// as mlua's integer conversion reads them.
+const I64_RANGE_START: f64 = i64::MIN as f64;
+
+/// The 1-based array index a key stands for, when it is a positive whole number.
+///
+/// # Safety
+/// `index` is a valid stack index of `state`.
+#[allow(unsafe_code)]
+unsafe fn array_index(state: *mut ffi::lua_State, index: c_int) -> Option<usize> {
+    // SAFETY: as the function's contract; only reads.
+    unsafe {
+        match ffi::lua_type(state, index) {
+            ffi::LUA_TNUMBER => {
+                let n = ffi::lua_tonumber(state, index);
+                (n.fract() == 0.0 && n >= 1.0).then_some(n as usize)
+            }
+            ffi::LUA_TINTEGER => {
+                usize::try_from(ffi::lua_tointeger64(state, index, std::ptr::null_mut()))
+                    .ok()
+                    .filter(|index| *index >= 1)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What error 104 calls a table that cannot be stored: by its length, as Roblox does.
+///
+/// # Safety
+/// The value at `index` is a table.
+#[allow(unsafe_code)]
+unsafe fn table_kind(state: *mut ffi::lua_State, index: c_int) -> &'static str {
+    // SAFETY: as the function's contract.
+    if unsafe { ffi::lua_objlen(state, index) } > 0 {
+        "Array"
+    } else {
+        "Dictionary"
+    }
+}
+
+/// The Roblox type name of a value that cannot be stored: a userdata's `__type` (Instance,
+/// EnumItem, ...), `Vector3` for vectors, else the Luau type.
+///
+/// # Safety
+/// `index` is a valid absolute stack index of `state`, with one free slot above the top.
+#[allow(unsafe_code)]
+unsafe fn unstorable_type(state: *mut ffi::lua_State, index: c_int, kind: c_int) -> String {
+    // SAFETY: as the function's contract; `luaL_getmetafield` reads the metatable raw and
+    // pushes the field only when it finds one.
+    unsafe {
+        match kind {
+            ffi::LUA_TVECTOR => "Vector3".to_owned(),
+            ffi::LUA_TLIGHTUSERDATA => "lightuserdata".to_owned(),
+            ffi::LUA_TUSERDATA => {
+                let found = ffi::luaL_getmetafield(state, index, c"__type".as_ptr());
+                let name = match found {
+                    ffi::LUA_TSTRING => string_at(state, -1).unwrap_or("userdata").to_owned(),
+                    _ => "userdata".to_owned(),
+                };
+                if found != ffi::LUA_TNIL {
+                    ffi::lua_pop(state, 1);
+                }
+                name
+            }
+            other => std::ffi::CStr::from_ptr(ffi::lua_typename(state, other))
+                .to_string_lossy()
+                .into_owned(),
+        }
     }
 }
 

@@ -478,9 +478,9 @@ impl DataStore {
         if args.value.is_nil() {
             return Err(DataStoreError::ArgumentMissing(2).into());
         }
-        let value = codec::encode(&args.value)?;
+        let value = codec::encode(&lua, &args.value)?;
         let user_ids = user_ids_json(args.user_ids)?;
-        let metadata = metadata_json(options_metadata(args.options, "DataStoreSetOptions")?)?;
+        let metadata = metadata_json(&lua, options_metadata(args.options, "DataStoreSetOptions")?)?;
         yield_once().await;
         this.spend(&lua, Family::StandardWrite, "SetAsync", &key)
             .await?;
@@ -548,7 +548,7 @@ impl DataStore {
                 ),
                 _ => (Value::Nil, Value::Nil),
             };
-            let Some(write) = run_transform(&transform, current, info)? else {
+            let Some(write) = run_transform(&lua, &transform, current, info)? else {
                 return Value::Nil.into_lua_multi(&lua);
             };
             if !write_paid {
@@ -605,7 +605,10 @@ impl DataStore {
             other => return Err(cast_error(other, "int").into()),
         };
         let user_ids = user_ids_json(args.user_ids)?;
-        let metadata = metadata_json(options_metadata(args.options, "DataStoreIncrementOptions")?)?;
+        let metadata = metadata_json(
+            &lua,
+            options_metadata(args.options, "DataStoreIncrementOptions")?,
+        )?;
         yield_once().await;
         this.spend(&lua, Family::StandardWrite, "IncrementAsync", &key)
             .await?;
@@ -982,6 +985,7 @@ pub(crate) fn call_transform(
 /// Calls an UpdateAsync transform. Returns `None` when it cancels (its first result is nil),
 /// else the encoded value, user ids and metadata.
 fn run_transform(
+    lua: &Lua,
     transform: &Function,
     current: Value,
     info: Value,
@@ -999,9 +1003,9 @@ fn run_transform(
         }
         _ => {}
     }
-    let encoded = codec::encode(&value)?;
+    let encoded = codec::encode(lua, &value)?;
     let user_ids = user_ids_json(results.next().unwrap_or(Value::Nil))?;
-    let metadata = metadata_json(results.next().unwrap_or(Value::Nil))?;
+    let metadata = metadata_json(lua, results.next().unwrap_or(Value::Nil))?;
     Ok(Some((encoded, user_ids, metadata)))
 }
 
@@ -1065,7 +1069,7 @@ fn user_ids_json(value: Value) -> Result<String, DataStoreError> {
 }
 
 /// Validates a metadata dictionary and returns it as a JSON object.
-fn metadata_json(value: Value) -> Result<String, DataStoreError> {
+fn metadata_json(lua: &Lua, value: Value) -> Result<String, DataStoreError> {
     let table = match value {
         Value::Nil => return Ok("{}".to_owned()),
         Value::Table(table) => table,
@@ -1079,11 +1083,11 @@ fn metadata_json(value: Value) -> Result<String, DataStoreError> {
         if key.as_bytes().len() > METADATA_KEY_LIMIT {
             return Err(DataStoreError::AttributeSizeTooLarge(METADATA_KEY_LIMIT));
         }
-        if codec::encode(&item)?.len() > METADATA_VALUE_LIMIT {
+        if codec::encode(lua, &item)?.len() > METADATA_VALUE_LIMIT {
             return Err(DataStoreError::AttributeSizeTooLarge(METADATA_VALUE_LIMIT));
         }
     }
-    let json = codec::encode(&Value::Table(table))?;
+    let json = codec::encode(lua, &Value::Table(table))?;
     if json.len() > METADATA_LIMIT {
         return Err(DataStoreError::AttributeSizeTooLarge(METADATA_LIMIT));
     }
@@ -1109,14 +1113,51 @@ fn options_metadata(options: Option<AnyUserData>, class: &'static str) -> mlua::
 }
 
 /// Roblox's version string: object creation ticks, sequence, version ticks (reference §9.7).
+///
+/// Written digit by digit: every SetAsync returns one, and `format!`'s padded hex took more
+/// instructions than the rest of the string's building (callgrind).
 pub fn version_string(version: &Version) -> String {
     let ticks = |ms: i64| ms * 10_000 + UNIX_EPOCH_TICKS;
-    format!(
-        "{:016X}.{:010}.{:016X}.01",
-        ticks(version.created_ms),
-        version.seq,
-        ticks(version.updated_ms)
-    )
+    let mut out = String::with_capacity(48);
+    push_hex16(&mut out, ticks(version.created_ms));
+    out.push('.');
+    push_padded_decimal(&mut out, version.seq);
+    out.push('.');
+    push_hex16(&mut out, ticks(version.updated_ms));
+    out.push_str(".01");
+    out
+}
+
+/// `value` as 16 upper-case hex digits, as `{:016X}` writes it.
+fn push_hex16(out: &mut String, value: i64) {
+    let bits = value as u64;
+    for shift in (0..16).rev() {
+        out.push(char::from(
+            b"0123456789ABCDEF"[(bits >> (shift * 4) & 0xF) as usize],
+        ));
+    }
+}
+
+/// A sequence number zero-padded to at least 10 digits, as `{:010}` writes it.
+fn push_padded_decimal(out: &mut String, seq: i64) {
+    const WIDTH: usize = 10;
+    let Ok(mut rest) = u64::try_from(seq) else {
+        let _ = std::fmt::Write::write_fmt(out, format_args!("{seq:010}"));
+        return;
+    };
+    let mut digits = [b'0'; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    for &digit in &digits[start.min(digits.len() - WIDTH)..] {
+        out.push(char::from(digit));
+    }
 }
 
 fn store_name(store: &DataStore) -> String {
@@ -1315,7 +1356,7 @@ impl UserData for MetadataOptions {
             let Value::Table(attributes) = attributes else {
                 return Err(DataStoreError::MetadataFormat.into());
             };
-            metadata_json(Value::Table(attributes.clone()))?;
+            metadata_json(lua, Value::Table(attributes.clone()))?;
             let copy = lua.create_table()?;
             for pair in attributes.pairs::<Value, Value>() {
                 let (key, value) = pair?;
@@ -1357,4 +1398,35 @@ pub fn create_instance(lua: &Lua, class: &str) -> mlua::Result<Option<AnyUserDat
         }
         _ => return Ok(None),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_strings_are_padded_hex_and_decimal() {
+        for (created_ms, seq, updated_ms) in [
+            (0, 0, 0),
+            (1_764_115_200_123, 1, 1_764_115_260_456),
+            (1_764_115_200_123, 9_999_999_999, 1_764_115_200_124),
+            (1_764_115_200_123, 12_345_678_901_234, 1_764_115_200_124),
+            (-62_135_596_800_001, -5, i64::MAX / 20_000),
+        ] {
+            let version = Version {
+                seq,
+                created_ms,
+                updated_ms,
+            };
+            let ticks = |ms: i64| ms * 10_000 + UNIX_EPOCH_TICKS;
+            assert_eq!(
+                version_string(&version),
+                format!(
+                    "{:016X}.{seq:010}.{:016X}.01",
+                    ticks(created_ms),
+                    ticks(updated_ms)
+                )
+            );
+        }
+    }
 }

@@ -118,11 +118,11 @@ proptest! {
     fn storable_values_round_trip_exactly(tree in tree()) {
         let lua = Lua::new();
         let original = to_lua(&lua, &tree);
-        let text = codec::encode(&original).expect("storable");
+        let text = codec::encode(&lua, &original).expect("storable");
         let decoded = codec::decode(&text).expect("what the codec writes, it reads");
         let back = codec::to_lua(&lua, &decoded).unwrap();
         prop_assert!(same(&tree, &back), "{tree:?} came back as {text}");
-        prop_assert_eq!(codec::encode(&back).unwrap(), text, "encoding is stable");
+        prop_assert_eq!(codec::encode(&lua, &back).unwrap(), text, "encoding is stable");
     }
 
     #[test]
@@ -149,7 +149,7 @@ proptest! {
             }
         };
         let value = poison(&lua, &tree, &path, bad);
-        match codec::encode(&value) {
+        match codec::encode(&lua, &value) {
             Err(DataStoreError::CantStoreValue(_)) => {}
             other => prop_assert!(false, "expected 104, got {other:?}"),
         }
@@ -157,7 +157,7 @@ proptest! {
 
     #[test]
     fn every_number_round_trips_bit_for_bit(n in any::<f64>()) {
-        let text = codec::encode(&Value::Number(n)).unwrap();
+        let text = codec::encode(&Lua::new(), &Value::Number(n)).unwrap();
         match codec::decode(&text).unwrap() {
             Stored::Number(back) => prop_assert!(back.to_bits() == n.to_bits() || (n.is_nan() && back.is_nan()), "{n} -> {text} -> {back}"),
             other => prop_assert!(false, "{other:?}"),
@@ -168,7 +168,7 @@ proptest! {
 #[test]
 fn roblox_rules_for_tables() {
     let lua = Lua::new();
-    let encode = |source: &str| codec::encode(&lua.load(source).eval::<Value>().unwrap());
+    let encode = |source: &str| codec::encode(&lua, &lua.load(source).eval::<Value>().unwrap());
     assert_eq!(encode("return {}").unwrap(), "[]");
     assert_eq!(encode("return {1, 2, 3}").unwrap(), "[1,2,3]");
     assert_eq!(encode("return {[5] = true}").unwrap(), r#"{"5":true}"#);
@@ -177,12 +177,19 @@ fn roblox_rules_for_tables() {
     assert_eq!(encode("return 0/0").unwrap(), "NaN");
     assert_eq!(encode("return -math.huge").unwrap(), "-Infinity");
     assert_eq!(encode(r#"return "a\"b\n""#).unwrap(), r#""a\"b\n""#);
+    assert_eq!(
+        encode("return {[-3] = 1, [1.5] = 2, [2^60] = 3}").unwrap(),
+        r#"{"-3":1,"1.5":2,"1152921504606846976":3}"#,
+        "number keys of a length-0 table are stringified: whole numbers in full, others in shortest form"
+    );
     for (source, named) in [
         ("return {1, 2, x = 3}", "Array"),
         ("return {[1] = 1, [3] = 3}", "Array"),
         ("return {[true] = 1}", "Dictionary"),
         ("return print", "function"),
         ("return coroutine.create(print)", "thread"),
+        ("return vector.create(1, 2, 3)", "Vector3"),
+        ("return {vector.create(1, 2, 3)}", "Array"),
         ("return {a = {print}}", "Array"),
         ("return {{a = print}}", "Dictionary"),
         ("local t = {} t.t = t return t", "Dictionary"),
@@ -211,12 +218,12 @@ fn size_limit_is_the_serialized_length() {
     let at_limit = lua
         .create_string("x".repeat(codec::MAX_VALUE_LENGTH - 2))
         .unwrap();
-    assert!(codec::encode(&Value::String(at_limit)).is_ok());
+    assert!(codec::encode(&lua, &Value::String(at_limit)).is_ok());
     let over = lua
         .create_string("x".repeat(codec::MAX_VALUE_LENGTH - 1))
         .unwrap();
     assert_eq!(
-        codec::encode(&Value::String(over)),
+        codec::encode(&lua, &Value::String(over)),
         Err(DataStoreError::ValueTooLarge)
     );
 }
@@ -279,6 +286,6 @@ fn values_nested_as_deep_as_the_codec_allows_build() {
         };
     }
     let value = codec::to_lua(&lua, &stored).unwrap();
-    let text = codec::encode(&value).unwrap();
+    let text = codec::encode(&lua, &value).unwrap();
     assert_eq!(codec::decode(&text).unwrap(), stored);
 }

@@ -143,7 +143,7 @@ impl UserData for MessagingService {
             "PublishAsync",
             |lua, service, (topic, message): (Value, Value)| async move {
                 let topic = topic_argument(topic)?;
-                let data = codec::encode(&message).map_err(|e| error(e.to_string()))?;
+                let data = codec::encode(&lua, &message).map_err(|e| error(e.to_string()))?;
                 if data.len() > MESSAGE_LIMIT {
                     return Err(error(format!(
                         "Message size {} exceeds the {MESSAGE_LIMIT} byte limit",

@@ -374,7 +374,7 @@ fn from_wire(lua: &Lua, tree: &Tree, item: &Stored) -> mlua::Result<Value> {
                 };
             }
             ("$datatype", form) => {
-                let variant = codec::encode(&codec::to_lua(lua, form)?)
+                let variant = codec::encode(lua, &codec::to_lua(lua, form)?)
                     .ok()
                     .and_then(|json| serde_json::from_str::<Variant>(&json).ok());
                 return match variant {

@@ -461,8 +461,8 @@ impl UserData for HttpService {
         });
         // Roblox's JSON rules are the DataStore's (arrays, string-key dictionaries, no mixed
         // or sparse tables), so both go through the same strict codec.
-        methods.add_method("JSONEncode", |_, _, value: Value| {
-            codec::encode(&value).map_err(|error| {
+        methods.add_method("JSONEncode", |lua, _, value: Value| {
+            codec::encode(lua, &value).map_err(|error| {
                 let message = error.to_string();
                 mlua::Error::RuntimeError(
                     if message.contains("Array") || message.contains("Dictionary") {
