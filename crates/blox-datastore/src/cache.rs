@@ -7,7 +7,7 @@
 //! reproduces it. Entries are keyed by scope and key, because an `AllScopes` object reaches
 //! every scope of its store.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -18,16 +18,25 @@ pub const CACHE_WINDOW: Duration = Duration::from_secs(4);
 /// reads many keys does not grow without bound.
 const SWEEP_AT: usize = 4096;
 
+/// The entries of one scope: each key's state and when it stops being fresh.
+type Entries<T> = HashMap<String, (T, Duration)>;
+
 /// What one DataStore object has read or written recently.
+///
+/// Entries sit under their scope, then their key, so a lookup borrows the caller's strings
+/// instead of building an owned pair for every GetAsync.
 #[derive(Debug)]
 pub struct ReadCache<T> {
-    entries: RefCell<HashMap<(String, String), (T, Duration)>>,
+    scopes: RefCell<HashMap<String, Entries<T>>>,
+    /// Entries in all scopes, to know when to sweep.
+    len: Cell<usize>,
 }
 
 impl<T> Default for ReadCache<T> {
     fn default() -> Self {
         Self {
-            entries: RefCell::default(),
+            scopes: RefCell::default(),
+            len: Cell::new(0),
         }
     }
 }
@@ -35,28 +44,44 @@ impl<T> Default for ReadCache<T> {
 impl<T: Clone> ReadCache<T> {
     /// The cached state of `scope/key` if it is still fresh at `now`.
     pub fn get(&self, scope: &str, key: &str, now: Duration) -> Option<T> {
-        let entries = self.entries.borrow();
-        let (state, expires) = entries.get(&(scope.to_owned(), key.to_owned()))?;
+        let scopes = self.scopes.borrow();
+        let (state, expires) = scopes.get(scope)?.get(key)?;
         (now < *expires).then(|| state.clone())
     }
 
     /// Drops what is known of `scope/key`: the next read goes to the database.
     pub fn forget(&self, scope: &str, key: &str) {
-        self.entries
-            .borrow_mut()
-            .remove(&(scope.to_owned(), key.to_owned()));
+        let mut scopes = self.scopes.borrow_mut();
+        if let Some(entries) = scopes.get_mut(scope)
+            && entries.remove(key).is_some()
+        {
+            self.len.set(self.len.get() - 1);
+        }
     }
 
     /// Records the state of `scope/key` as of `now`, fresh for [`CACHE_WINDOW`].
     pub fn put(&self, scope: &str, key: &str, state: T, now: Duration) {
-        let mut entries = self.entries.borrow_mut();
-        if entries.len() >= SWEEP_AT {
-            entries.retain(|_, (_, expires)| now < *expires);
+        let mut scopes = self.scopes.borrow_mut();
+        let fresh = (state, now + CACHE_WINDOW);
+        if let Some(entry) = scopes
+            .get_mut(scope)
+            .and_then(|entries| entries.get_mut(key))
+        {
+            *entry = fresh;
+            return;
         }
-        entries.insert(
-            (scope.to_owned(), key.to_owned()),
-            (state, now + CACHE_WINDOW),
-        );
+        if self.len.get() >= SWEEP_AT {
+            scopes.retain(|_, entries| {
+                entries.retain(|_, (_, expires)| now < *expires);
+                !entries.is_empty()
+            });
+            self.len.set(scopes.values().map(HashMap::len).sum());
+        }
+        scopes
+            .entry(scope.to_owned())
+            .or_default()
+            .insert(key.to_owned(), fresh);
+        self.len.set(self.len.get() + 1);
     }
 }
 
@@ -91,6 +116,7 @@ mod tests {
             cache.put("global", &i.to_string(), i, Duration::ZERO);
         }
         cache.put("global", "late", 0, CACHE_WINDOW * 2);
-        assert_eq!(cache.entries.borrow().len(), 1);
+        assert_eq!(cache.len.get(), 1);
+        assert_eq!(cache.scopes.borrow()["global"].len(), 1);
     }
 }
