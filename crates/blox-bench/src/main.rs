@@ -579,6 +579,7 @@ impl RawPools {
             let pool = |size| {
                 sqlx::sqlite::SqlitePoolOptions::new()
                     .max_connections(size)
+                    .test_before_acquire(false)
                     .connect_with(connect.clone())
             };
             Ok(RawPools::Sqlite {

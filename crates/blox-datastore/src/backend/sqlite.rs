@@ -170,14 +170,19 @@ impl SqliteBackend {
                 path: lock_path,
                 source,
             })?;
+        // No ping before handing out a connection (sqlx's default for every pool): an
+        // embedded database cannot drop the connection, and each ping is a round trip to the
+        // connection's worker thread, as costly as the read it would precede.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
+            .test_before_acquire(false)
             .acquire_timeout(options.timeout)
             .connect_with(connect.clone())
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
         let readers = SqlitePoolOptions::new()
             .max_connections(4)
+            .test_before_acquire(false)
             .acquire_timeout(options.timeout)
             .connect_with(connect)
             .await?;
