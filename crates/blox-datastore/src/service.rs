@@ -462,13 +462,16 @@ impl DataStore {
         };
         self.spend(lua, family, "GetAsync", &key).await?;
         let read_key = key.clone();
+        // The key info is cut out of the row on the database runtime, so the row's strings
+        // are freed there and the VM thread only receives what it hands to the script.
         let found = self
             .context
             .run("GetAsync", &self.name, move |backend| async move {
-                operations::get(backend.as_ref(), &read_key).await
+                let found = operations::get(backend.as_ref(), &read_key).await?;
+                Ok(found.map(|(value, entry)| (value, KeyInfo::from_entry(&entry))))
             })
             .await?
-            .map(|(value, entry)| Rc::new((value, KeyInfo::from_entry(&entry))));
+            .map(Rc::new);
         self.remember(lua, &key, found.clone());
         Ok(found)
     }
