@@ -558,11 +558,12 @@ fn run_layers(
 /// Keys of the store the layers benchmark reads: more than a run reads, so none repeats.
 const LAYER_KEYS: usize = 100_000;
 
-/// Pools configured as Blox's backends configure theirs, used directly with sqlx.
+/// Connections set up as Blox's backends set up theirs (SQLite: a reader pool and Blox's
+/// own single-connection [`sqlite::Writer`]), used directly with sqlx.
 enum RawPools {
     Sqlite {
         readers: Pool<sqlx::Sqlite>,
-        writer: Pool<sqlx::Sqlite>,
+        writer: sqlite::Writer,
     },
     Postgres(Pool<sqlx::Postgres>),
 }
@@ -576,15 +577,14 @@ impl RawPools {
                 .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
                 .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
                 .busy_timeout(Duration::from_secs(10));
-            let pool = |size| {
-                sqlx::sqlite::SqlitePoolOptions::new()
-                    .max_connections(size)
-                    .test_before_acquire(false)
-                    .connect_with(connect.clone())
-            };
+            let readers = sqlx::sqlite::SqlitePoolOptions::new()
+                .max_connections(4)
+                .test_before_acquire(false)
+                .connect_with(connect.clone())
+                .await?;
             Ok(RawPools::Sqlite {
-                readers: pool(4).await?,
-                writer: pool(1).await?,
+                readers,
+                writer: sqlite::Writer::connect(&connect, Duration::from_secs(10)).await?,
             })
         } else {
             let pool = sqlx::postgres::PgPoolOptions::new()
@@ -602,7 +602,8 @@ impl RawPools {
     async fn seed_listing(&self, size: usize) -> anyhow::Result<()> {
         for seed in &listing_seeds(size) {
             match self {
-                RawPools::Sqlite { writer, .. } => seed_rows(writer, seed, size).await?,
+                // Seeding is not measured: any connection of the file may write.
+                RawPools::Sqlite { readers, .. } => seed_rows(readers, seed, size).await?,
                 RawPools::Postgres(pool) => seed_rows(pool, seed, size).await?,
             }
         }
@@ -617,7 +618,7 @@ impl RawPools {
             seq: 1,
         };
         match self {
-            RawPools::Sqlite { writer, .. } => seed_rows(writer, &seed, LAYER_KEYS).await,
+            RawPools::Sqlite { readers, .. } => seed_rows(readers, &seed, LAYER_KEYS).await,
             RawPools::Postgres(pool) => seed_rows(pool, &seed, LAYER_KEYS).await,
         }
     }
@@ -642,17 +643,44 @@ impl RawPools {
     }
 }
 
-async fn measure<DB>(
+/// Where the raw side's writes go, handed out as the backend hands out its own.
+trait WriteConnection<DB: Database>: Clone + Send + Sync + 'static {
+    type Guard<'a>: std::ops::DerefMut<Target = DB::Connection> + Send
+    where
+        Self: 'a;
+
+    fn connection(&self) -> impl Future<Output = Result<Self::Guard<'_>, sqlx::Error>> + Send;
+}
+
+impl WriteConnection<sqlx::Sqlite> for sqlite::Writer {
+    type Guard<'a> = tokio::sync::MutexGuard<'a, sqlx::SqliteConnection>;
+
+    fn connection(&self) -> impl Future<Output = Result<Self::Guard<'_>, sqlx::Error>> + Send {
+        self.lock()
+    }
+}
+
+impl WriteConnection<sqlx::Postgres> for Pool<sqlx::Postgres> {
+    type Guard<'a> = sqlx::pool::PoolConnection<sqlx::Postgres>;
+
+    fn connection(&self) -> impl Future<Output = Result<Self::Guard<'_>, sqlx::Error>> + Send {
+        self.acquire()
+    }
+}
+
+async fn measure<DB, W>(
     op: Op,
     concurrency: usize,
     seconds: f64,
     readers: &Pool<DB>,
-    writer: &Pool<DB>,
+    writer: &W,
     statements: &'static Statements,
 ) -> anyhow::Result<Stats>
 where
     DB: Database,
+    W: WriteConnection<DB>,
     for<'c> &'c Pool<DB>: sqlx::Executor<'c, Database = DB>,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
     for<'q> <DB as Database>::Arguments: sqlx::IntoArguments<DB>,
     i64: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB> + for<'r> sqlx::Decode<'r, DB>,
     i16: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
@@ -686,7 +714,7 @@ where
                                 .bind(0_i64)
                                 .bind(false)
                                 .bind(false)
-                                .fetch_one(&writer)
+                                .fetch_one(&mut *writer.connection().await?)
                                 .await?;
                             let _: i64 = sqlx::Row::try_get(&row, 0)?;
                         }
@@ -708,7 +736,7 @@ where
                                 .bind(0_i64)
                                 .bind(false)
                                 .bind(false)
-                                .execute(&writer)
+                                .execute(&mut *writer.connection().await?)
                                 .await?;
                             if done.rows() == 1 {
                                 break;

@@ -648,9 +648,10 @@ where
     }
 }
 
-/// Implements [`Backend`] for a dialect from its pools and [`Statements`].
+/// Implements [`Backend`] for a dialect from its reader pool, the method that hands out its
+/// writing connection, and its [`Statements`].
 macro_rules! sql_backend {
-    ($backend:ty, $db:ty, $statements:expr, read_pool = $read:ident, write_pool = $write:ident) => {
+    ($backend:ty, $db:ty, $statements:expr, read_pool = $read:ident, write_connection = $write:ident) => {
         #[async_trait::async_trait]
         impl $crate::backend::Backend for $backend {
             async fn read(
@@ -675,7 +676,7 @@ macro_rules! sql_backend {
                     .bind(write.now_ms)
                     .bind(write.deleted)
                     .bind(self.keep_all_versions)
-                    .fetch_one(&self.$write)
+                    .fetch_one(&mut *self.$write().await?)
                     .await?;
                 Ok($crate::backend::version_from_row(&row)?)
             }
@@ -701,7 +702,7 @@ macro_rules! sql_backend {
                     .bind(write.now_ms)
                     .bind(write.deleted)
                     .bind(self.keep_all_versions)
-                    .execute(&self.$write)
+                    .execute(&mut *self.$write().await?)
                     .await?;
                 Ok(
                     (done.rows_affected() == 1).then_some($crate::backend::Version {
@@ -828,7 +829,7 @@ macro_rules! sql_backend {
                 for statement in [$statements.remove_version, $statements.erase_latest_version] {
                     $crate::backend::bind_key(sqlx::query::<$db>(statement), key)
                         .bind(seq)
-                        .execute(&self.$write)
+                        .execute(&mut *self.$write().await?)
                         .await?;
                 }
                 Ok(())
@@ -839,7 +840,7 @@ macro_rules! sql_backend {
                 key: &$crate::backend::EntryKey,
             ) -> Result<Option<$crate::backend::Entry>, $crate::backend::BackendError> {
                 let query = $crate::backend::bind_key(sqlx::query::<$db>($statements.delete), key);
-                let row = query.fetch_optional(&self.$write).await?;
+                let row = query.fetch_optional(&mut *self.$write().await?).await?;
                 Ok(row
                     .as_ref()
                     .map($crate::backend::entry_from_row)
@@ -886,11 +887,11 @@ macro_rules! sql_backend {
             async fn purge(&self, now_ms: i64) -> Result<u64, $crate::backend::BackendError> {
                 let versions = sqlx::query::<$db>($statements.purge_versions)
                     .bind(now_ms)
-                    .execute(&self.$write)
+                    .execute(&mut *self.$write().await?)
                     .await?;
                 let tombstones = sqlx::query::<$db>($statements.purge_tombstones)
                     .bind(now_ms - $crate::backend::RETENTION_MS)
-                    .execute(&self.$write)
+                    .execute(&mut *self.$write().await?)
                     .await?;
                 Ok(versions.rows_affected() + tombstones.rows_affected())
             }

@@ -135,10 +135,18 @@ impl PostgresBackend {
     }
 }
 
+impl PostgresBackend {
+    async fn write_connection(
+        &self,
+    ) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error> {
+        self.pool.acquire().await
+    }
+}
+
 sql_backend!(
     PostgresBackend,
     sqlx::Postgres,
     STATEMENTS,
     read_pool = pool,
-    write_pool = pool
+    write_connection = write_connection
 );

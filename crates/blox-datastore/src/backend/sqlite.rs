@@ -3,17 +3,22 @@
 //! WAL journal, so readers never block the writer. One writer connection: SQLite allows one
 //! writer at a time anyway, and a single connection avoids its lock back-off (measured: same
 //! throughput as four writers, without their 130 ms p99.9). Readers get a small pool of their
-//! own. `synchronous=NORMAL` survives a process crash (`kill -9` loses nothing that was
+//! own; the writer is not a pool at all (see [`Writer`]). `synchronous=NORMAL` survives a process crash (`kill -9` loses nothing that was
 //! acknowledged); `FULL` also survives power loss. Several processes may share the file: the
 //! busy timeout makes their writers queue for the lock, and the compare-and-set writes keep
 //! read-modify-write operations exact.
 
 use std::path::Path;
 use std::str::FromStr as _;
+use std::sync::Arc;
+use std::time::Duration;
 
+use sqlx::Connection as _;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
 };
+use tokio::sync::{Mutex, MutexGuard};
 
 use super::{BackendError, OpenOptions, Statements, sql_backend};
 
@@ -123,11 +128,44 @@ pub const STATEMENTS: Statements = Statements {
             GROUP BY store_name ORDER BY store_name LIMIT ?6",
 };
 
+/// The one connection that writes, handed from write to write by an async mutex.
+///
+/// Not a one-connection sqlx pool: sqlx pings every connection that comes back to a pool, a
+/// round trip to the connection's worker thread, and the next write cannot start until it is
+/// done. With one writer, that round trip sat on the path every write queues on; without it,
+/// raw writes went from ~8,000-9,800 to ~11,000-17,000 a second (BENCHMARKS.md).
+#[derive(Debug, Clone)]
+pub struct Writer {
+    connection: Arc<Mutex<SqliteConnection>>,
+    /// How long a write waits for the connection before failing, as a pool's acquire timeout.
+    timeout: Duration,
+}
+
+impl Writer {
+    /// Opens the writer connection.
+    pub async fn connect(
+        options: &SqliteConnectOptions,
+        timeout: Duration,
+    ) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            connection: Arc::new(Mutex::new(SqliteConnection::connect_with(options).await?)),
+            timeout,
+        })
+    }
+
+    /// The connection, once the writes queued before this one are done.
+    pub async fn lock(&self) -> Result<MutexGuard<'_, SqliteConnection>, sqlx::Error> {
+        tokio::time::timeout(self.timeout, self.connection.lock())
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)
+    }
+}
+
 /// Entries in a SQLite file.
 #[derive(Debug, Clone)]
 pub struct SqliteBackend {
     readers: SqlitePool,
-    writer: SqlitePool,
+    writer: Writer,
     /// Every write asks to keep the version it supersedes ([`OpenOptions::keep_all_versions`]).
     keep_all_versions: bool,
 }
@@ -170,16 +208,20 @@ impl SqliteBackend {
                 path: lock_path,
                 source,
             })?;
-        // No ping before handing out a connection (sqlx's default for every pool): an
-        // embedded database cannot drop the connection, and each ping is a round trip to the
-        // connection's worker thread, as costly as the read it would precede.
-        let writer = SqlitePoolOptions::new()
+        // Migrations run through a pool of their own, closed at once: sqlx's migrator takes a
+        // pool readily, while a borrowed connection makes `open`'s future unprovably `Send`.
+        let migrations = SqlitePoolOptions::new()
             .max_connections(1)
-            .test_before_acquire(false)
-            .acquire_timeout(options.timeout)
             .connect_with(connect.clone())
             .await?;
-        sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&migrations)
+            .await?;
+        migrations.close().await;
+        let writer = Writer::connect(&connect, options.timeout).await?;
+        // No ping before handing out a reader (sqlx's default for every pool): an embedded
+        // database cannot drop the connection, and each ping is a round trip to the
+        // connection's worker thread, as costly as the read it would precede.
         let readers = SqlitePoolOptions::new()
             .max_connections(4)
             .test_before_acquire(false)
@@ -195,10 +237,41 @@ impl SqliteBackend {
     }
 }
 
+impl SqliteBackend {
+    async fn write_connection(&self) -> Result<MutexGuard<'_, SqliteConnection>, sqlx::Error> {
+        self.writer.lock().await
+    }
+}
+
 sql_backend!(
     SqliteBackend,
     sqlx::Sqlite,
     STATEMENTS,
     read_pool = readers,
-    write_pool = writer
+    write_connection = write_connection
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_write_waiting_longer_than_the_timeout_fails_as_a_pool_timeout_would() {
+        let folder = std::env::temp_dir().join(format!("blox-writer-{}", std::process::id()));
+        std::fs::create_dir_all(&folder).unwrap();
+        let options = SqliteConnectOptions::new()
+            .filename(folder.join("writer.sqlite3"))
+            .create_if_missing(true);
+        let writer = Writer::connect(&options, Duration::from_millis(50))
+            .await
+            .unwrap();
+        let held = writer.lock().await.unwrap();
+        assert!(matches!(
+            writer.lock().await,
+            Err(sqlx::Error::PoolTimedOut)
+        ));
+        drop(held);
+        assert!(writer.lock().await.is_ok(), "free again once released");
+        std::fs::remove_dir_all(&folder).unwrap();
+    }
+}
