@@ -558,12 +558,14 @@ fn run_layers(
 /// Keys of the store the layers benchmark reads: more than a run reads, so none repeats.
 const LAYER_KEYS: usize = 100_000;
 
-/// Connections set up as Blox's backends set up theirs (SQLite: a reader pool and Blox's
-/// own single-connection [`sqlite::Writer`]), used directly with sqlx.
+/// Connections set up as Blox's backends set up theirs (SQLite: Blox's own
+/// [`sqlite::Readers`] and [`sqlite::Writer`]), used directly with sqlx.
 enum RawPools {
     Sqlite {
-        readers: Pool<sqlx::Sqlite>,
+        readers: sqlite::Readers,
         writer: sqlite::Writer,
+        /// Fills the stores before a run; never measured.
+        seeder: Pool<sqlx::Sqlite>,
     },
     Postgres(Pool<sqlx::Postgres>),
 }
@@ -577,14 +579,14 @@ impl RawPools {
                 .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
                 .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
                 .busy_timeout(Duration::from_secs(10));
-            let readers = sqlx::sqlite::SqlitePoolOptions::new()
-                .max_connections(4)
-                .test_before_acquire(false)
-                .connect_with(connect.clone())
-                .await?;
+            let timeout = Duration::from_secs(10);
             Ok(RawPools::Sqlite {
-                readers,
-                writer: sqlite::Writer::connect(&connect, Duration::from_secs(10)).await?,
+                readers: sqlite::Readers::connect(&connect, 4, timeout).await?,
+                writer: sqlite::Writer::connect(&connect, timeout).await?,
+                seeder: sqlx::sqlite::SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .connect_with(connect)
+                    .await?,
             })
         } else {
             let pool = sqlx::postgres::PgPoolOptions::new()
@@ -602,8 +604,7 @@ impl RawPools {
     async fn seed_listing(&self, size: usize) -> anyhow::Result<()> {
         for seed in &listing_seeds(size) {
             match self {
-                // Seeding is not measured: any connection of the file may write.
-                RawPools::Sqlite { readers, .. } => seed_rows(readers, seed, size).await?,
+                RawPools::Sqlite { seeder, .. } => seed_rows(seeder, seed, size).await?,
                 RawPools::Postgres(pool) => seed_rows(pool, seed, size).await?,
             }
         }
@@ -618,14 +619,16 @@ impl RawPools {
             seq: 1,
         };
         match self {
-            RawPools::Sqlite { readers, .. } => seed_rows(readers, &seed, LAYER_KEYS).await,
+            RawPools::Sqlite { seeder, .. } => seed_rows(seeder, &seed, LAYER_KEYS).await,
             RawPools::Postgres(pool) => seed_rows(pool, &seed, LAYER_KEYS).await,
         }
     }
 
     async fn run(&self, op: Op, concurrency: usize, seconds: f64) -> anyhow::Result<Stats> {
         match self {
-            RawPools::Sqlite { readers, writer } => {
+            RawPools::Sqlite {
+                readers, writer, ..
+            } => {
                 measure(
                     op,
                     concurrency,
@@ -643,8 +646,8 @@ impl RawPools {
     }
 }
 
-/// Where the raw side's writes go, handed out as the backend hands out its own.
-trait WriteConnection<DB: Database>: Clone + Send + Sync + 'static {
+/// Where the raw side's reads or writes go, handed out as the backend hands out its own.
+trait Connections<DB: Database>: Clone + Send + Sync + 'static {
     type Guard<'a>: std::ops::DerefMut<Target = DB::Connection> + Send
     where
         Self: 'a;
@@ -652,7 +655,7 @@ trait WriteConnection<DB: Database>: Clone + Send + Sync + 'static {
     fn connection(&self) -> impl Future<Output = Result<Self::Guard<'_>, sqlx::Error>> + Send;
 }
 
-impl WriteConnection<sqlx::Sqlite> for sqlite::Writer {
+impl Connections<sqlx::Sqlite> for sqlite::Writer {
     type Guard<'a> = tokio::sync::MutexGuard<'a, sqlx::SqliteConnection>;
 
     fn connection(&self) -> impl Future<Output = Result<Self::Guard<'_>, sqlx::Error>> + Send {
@@ -660,7 +663,15 @@ impl WriteConnection<sqlx::Sqlite> for sqlite::Writer {
     }
 }
 
-impl WriteConnection<sqlx::Postgres> for Pool<sqlx::Postgres> {
+impl Connections<sqlx::Sqlite> for sqlite::Readers {
+    type Guard<'a> = sqlite::Reader<'a>;
+
+    fn connection(&self) -> impl Future<Output = Result<Self::Guard<'_>, sqlx::Error>> + Send {
+        self.acquire()
+    }
+}
+
+impl Connections<sqlx::Postgres> for Pool<sqlx::Postgres> {
     type Guard<'a> = sqlx::pool::PoolConnection<sqlx::Postgres>;
 
     fn connection(&self) -> impl Future<Output = Result<Self::Guard<'_>, sqlx::Error>> + Send {
@@ -668,18 +679,18 @@ impl WriteConnection<sqlx::Postgres> for Pool<sqlx::Postgres> {
     }
 }
 
-async fn measure<DB, W>(
+async fn measure<DB, R, W>(
     op: Op,
     concurrency: usize,
     seconds: f64,
-    readers: &Pool<DB>,
+    readers: &R,
     writer: &W,
     statements: &'static Statements,
 ) -> anyhow::Result<Stats>
 where
     DB: Database,
-    W: WriteConnection<DB>,
-    for<'c> &'c Pool<DB>: sqlx::Executor<'c, Database = DB>,
+    R: Connections<DB>,
+    W: Connections<DB>,
     for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
     for<'q> <DB as Database>::Arguments: sqlx::IntoArguments<DB>,
     i64: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB> + for<'r> sqlx::Decode<'r, DB>,
@@ -901,13 +912,13 @@ where
 }
 
 async fn read<DB>(
-    pool: &Pool<DB>,
+    readers: &impl Connections<DB>,
     statements: &Statements,
     key: &str,
 ) -> anyhow::Result<(String, i64)>
 where
     DB: Database,
-    for<'c> &'c Pool<DB>: sqlx::Executor<'c, Database = DB>,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
     for<'q> <DB as Database>::Arguments: sqlx::IntoArguments<DB>,
     i64: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB> + for<'r> sqlx::Decode<'r, DB>,
     i16: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
@@ -915,7 +926,7 @@ where
     usize: sqlx::ColumnIndex<DB::Row>,
 {
     let row = bind_key(sqlx::query::<DB>(statements.read), key)
-        .fetch_one(pool)
+        .fetch_one(&mut *readers.connection().await?)
         .await?;
     Ok((sqlx::Row::try_get(&row, 0)?, sqlx::Row::try_get(&row, 3)?))
 }

@@ -567,13 +567,13 @@ where
 /// `scope` range. The cursor is folded into the lower bound here, so no statement needs an
 /// `OR` that would keep the database from seeking.
 async fn list_keys_with<DB>(
-    pool: &sqlx::Pool<DB>,
+    connection: &mut DB::Connection,
     statements: &Statements,
     listing: &KeyListing,
 ) -> Result<Vec<(String, String)>, sqlx::Error>
 where
     DB: sqlx::Database,
-    for<'c> &'c sqlx::Pool<DB>: sqlx::Executor<'c, Database = DB>,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
     for<'q> <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
     i64: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
     i16: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
@@ -599,7 +599,6 @@ where
             .bind(to)
             .bind(listing.exclude_deleted)
             .bind(limit)
-            .fetch_all(pool)
     };
     let (after_scope, after_key) = &listing.after;
     match &listing.scopes {
@@ -614,7 +613,11 @@ where
                 .key_to
                 .clone()
                 .unwrap_or_else(|| BEYOND_EVERY_KEY.to_owned());
-            pairs(in_scope(scope, from, to, listing.limit).await?)
+            pairs(
+                in_scope(scope, from, to, listing.limit)
+                    .fetch_all(&mut *connection)
+                    .await?,
+            )
         }
         ScopeRange::Between { from, to } => {
             let to = to.clone().unwrap_or_else(|| BEYOND_EVERY_KEY.to_owned());
@@ -628,7 +631,7 @@ where
                         BEYOND_EVERY_KEY.to_owned(),
                         listing.limit,
                     );
-                    keys = pairs(rest.await?)?;
+                    keys = pairs(rest.fetch_all(&mut *connection).await?)?;
                 }
                 scope_from = scope_from.max(successor(after_scope));
             }
@@ -639,7 +642,7 @@ where
                     .bind(to)
                     .bind(listing.exclude_deleted)
                     .bind(remaining)
-                    .fetch_all(pool)
+                    .fetch_all(&mut *connection)
                     .await?;
                 keys.extend(pairs(rows)?);
             }
@@ -648,10 +651,10 @@ where
     }
 }
 
-/// Implements [`Backend`] for a dialect from its reader pool, the method that hands out its
-/// writing connection, and its [`Statements`].
+/// Implements [`Backend`] for a dialect from the methods that hand out its reading and writing
+/// connections, and its [`Statements`].
 macro_rules! sql_backend {
-    ($backend:ty, $db:ty, $statements:expr, read_pool = $read:ident, write_connection = $write:ident) => {
+    ($backend:ty, $db:ty, $statements:expr, read_connection = $read:ident, write_connection = $write:ident) => {
         #[async_trait::async_trait]
         impl $crate::backend::Backend for $backend {
             async fn read(
@@ -659,7 +662,7 @@ macro_rules! sql_backend {
                 key: &$crate::backend::EntryKey,
             ) -> Result<Option<$crate::backend::Entry>, $crate::backend::BackendError> {
                 let query = $crate::backend::bind_key(sqlx::query::<$db>($statements.read), key);
-                let row = query.fetch_optional(&self.$read).await?;
+                let row = query.fetch_optional(&mut *self.$read().await?).await?;
                 Ok(row
                     .as_ref()
                     .map($crate::backend::entry_from_row)
@@ -717,7 +720,11 @@ macro_rules! sql_backend {
                 &self,
                 listing: &$crate::backend::KeyListing,
             ) -> Result<Vec<(String, String)>, $crate::backend::BackendError> {
-                Ok($crate::backend::list_keys_with(&self.$read, &$statements, listing).await?)
+                let mut connection = self.$read().await?;
+                Ok(
+                    $crate::backend::list_keys_with::<$db>(&mut *connection, &$statements, listing)
+                        .await?,
+                )
             }
 
             async fn list_stores(
@@ -736,7 +743,7 @@ macro_rules! sql_backend {
                     )
                     .bind(listing.after.clone())
                     .bind(listing.limit)
-                    .fetch_all(&self.$read)
+                    .fetch_all(&mut *self.$read().await?)
                     .await?;
                 let stores: Result<Vec<_>, sqlx::Error> = rows
                     .iter()
@@ -807,7 +814,7 @@ macro_rules! sql_backend {
                     .bind(listing.min_ms)
                     .bind(listing.max_ms)
                     .bind(listing.limit)
-                    .fetch_all(&self.$read)
+                    .fetch_all(&mut *self.$read().await?)
                     .await?;
                 let retained: Result<Vec<_>, sqlx::Error> = rows
                     .iter()
@@ -875,7 +882,7 @@ macro_rules! sql_backend {
                     .bind(after_value)
                     .bind(after_key)
                     .bind(listing.limit)
-                    .fetch_all(&self.$read)
+                    .fetch_all(&mut *self.$read().await?)
                     .await?;
                 let entries: Result<Vec<_>, sqlx::Error> = rows
                     .iter()
@@ -914,7 +921,7 @@ macro_rules! sql_backend {
                 let query = sqlx::query::<$db>(statement);
                 let row = $crate::backend::bind_key(query, key)
                     .bind(argument)
-                    .fetch_optional(&self.$read)
+                    .fetch_optional(&mut *self.$read().await?)
                     .await?;
                 Ok(row
                     .as_ref()

@@ -136,6 +136,12 @@ impl PostgresBackend {
 }
 
 impl PostgresBackend {
+    async fn read_connection(
+        &self,
+    ) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error> {
+        self.pool.acquire().await
+    }
+
     async fn write_connection(
         &self,
     ) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error> {
@@ -147,6 +153,6 @@ sql_backend!(
     PostgresBackend,
     sqlx::Postgres,
     STATEMENTS,
-    read_pool = pool,
+    read_connection = read_connection,
     write_connection = write_connection
 );

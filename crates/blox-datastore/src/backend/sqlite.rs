@@ -15,10 +15,12 @@ use std::time::Duration;
 
 use sqlx::Connection as _;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
 };
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::{Mutex, MutexGuard, Semaphore, SemaphorePermit};
+
+/// Reading connections per server: enough for the two cores of a small machine to keep busy.
+const READERS: usize = 4;
 
 use super::{BackendError, OpenOptions, Statements, sql_backend};
 
@@ -161,10 +163,109 @@ impl Writer {
     }
 }
 
+/// The reading connections: a fixed set, each read borrowing an idle one.
+///
+/// Not a sqlx pool, for the reason given at [`Writer`]: the ping sqlx sends to every
+/// connection that comes back to a pool kept each reader busy for a second round trip after
+/// every read.
+#[derive(Debug, Clone)]
+pub struct Readers {
+    shared: Arc<ReaderSet>,
+}
+
+#[derive(Debug)]
+struct ReaderSet {
+    idle: std::sync::Mutex<Vec<SqliteConnection>>,
+    /// One permit per idle connection.
+    available: Semaphore,
+    /// How long a read waits for a connection before failing, as a pool's acquire timeout.
+    timeout: Duration,
+}
+
+/// A reading connection, back in its set when dropped.
+pub struct Reader<'a> {
+    connection: Option<SqliteConnection>,
+    set: &'a ReaderSet,
+    _permit: SemaphorePermit<'a>,
+}
+
+impl Readers {
+    /// Opens `count` reading connections.
+    pub async fn connect(
+        options: &SqliteConnectOptions,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Self, sqlx::Error> {
+        let mut idle = Vec::with_capacity(count);
+        for _ in 0..count {
+            idle.push(SqliteConnection::connect_with(options).await?);
+        }
+        Ok(Self {
+            shared: Arc::new(ReaderSet {
+                idle: std::sync::Mutex::new(idle),
+                available: Semaphore::new(count),
+                timeout,
+            }),
+        })
+    }
+
+    /// An idle connection, waiting for one to come back when all are busy.
+    pub async fn acquire(&self) -> Result<Reader<'_>, sqlx::Error> {
+        let set = &*self.shared;
+        let permit = tokio::time::timeout(set.timeout, set.available.acquire())
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)?
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        let connection = set
+            .idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .pop()
+            .ok_or(sqlx::Error::PoolClosed)?;
+        Ok(Reader {
+            connection: Some(connection),
+            set,
+            _permit: permit,
+        })
+    }
+}
+
+impl std::ops::Deref for Reader<'_> {
+    type Target = SqliteConnection;
+
+    fn deref(&self) -> &SqliteConnection {
+        self.connection
+            .as_ref()
+            .expect("a reader holds its connection until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Reader<'_> {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        self.connection
+            .as_mut()
+            .expect("a reader holds its connection until dropped")
+    }
+}
+
+impl Drop for Reader<'_> {
+    fn drop(&mut self) {
+        // The permit is a field, released after this body: the connection is idle again
+        // before anyone may take it.
+        if let Some(connection) = self.connection.take() {
+            self.set
+                .idle
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .push(connection);
+        }
+    }
+}
+
 /// Entries in a SQLite file.
 #[derive(Debug, Clone)]
 pub struct SqliteBackend {
-    readers: SqlitePool,
+    readers: Readers,
     writer: Writer,
     /// Every write asks to keep the version it supersedes ([`OpenOptions::keep_all_versions`]).
     keep_all_versions: bool,
@@ -219,15 +320,7 @@ impl SqliteBackend {
             .await?;
         migrations.close().await;
         let writer = Writer::connect(&connect, options.timeout).await?;
-        // No ping before handing out a reader (sqlx's default for every pool): an embedded
-        // database cannot drop the connection, and each ping is a round trip to the
-        // connection's worker thread, as costly as the read it would precede.
-        let readers = SqlitePoolOptions::new()
-            .max_connections(4)
-            .test_before_acquire(false)
-            .acquire_timeout(options.timeout)
-            .connect_with(connect)
-            .await?;
+        let readers = Readers::connect(&connect, READERS, options.timeout).await?;
         drop(lock);
         Ok(Self {
             readers,
@@ -238,6 +331,10 @@ impl SqliteBackend {
 }
 
 impl SqliteBackend {
+    async fn read_connection(&self) -> Result<Reader<'_>, sqlx::Error> {
+        self.readers.acquire().await
+    }
+
     async fn write_connection(&self) -> Result<MutexGuard<'_, SqliteConnection>, sqlx::Error> {
         self.writer.lock().await
     }
@@ -247,7 +344,7 @@ sql_backend!(
     SqliteBackend,
     sqlx::Sqlite,
     STATEMENTS,
-    read_pool = readers,
+    read_connection = read_connection,
     write_connection = write_connection
 );
 
@@ -272,6 +369,34 @@ mod tests {
         ));
         drop(held);
         assert!(writer.lock().await.is_ok(), "free again once released");
+        std::fs::remove_dir_all(&folder).unwrap();
+    }
+
+    #[tokio::test]
+    async fn readers_hand_out_each_connection_once_and_take_it_back_when_dropped() {
+        let folder = std::env::temp_dir().join(format!("blox-readers-{}", std::process::id()));
+        std::fs::create_dir_all(&folder).unwrap();
+        let options = SqliteConnectOptions::new()
+            .filename(folder.join("readers.sqlite3"))
+            .create_if_missing(true);
+        let readers = Readers::connect(&options, 2, Duration::from_millis(50))
+            .await
+            .unwrap();
+        let mut first = readers.acquire().await.unwrap();
+        let second = readers.acquire().await.unwrap();
+        assert!(
+            matches!(readers.acquire().await, Err(sqlx::Error::PoolTimedOut)),
+            "both connections are out"
+        );
+        let one: i64 = sqlx::query_scalar("SELECT 1")
+            .fetch_one(&mut *first)
+            .await
+            .unwrap();
+        assert_eq!(one, 1);
+        drop(first);
+        let mut again = readers.acquire().await.unwrap();
+        sqlx::query("SELECT 1").execute(&mut *again).await.unwrap();
+        drop((again, second));
         std::fs::remove_dir_all(&folder).unwrap();
     }
 }
