@@ -352,13 +352,19 @@ sql_backend!(
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn a_write_waiting_longer_than_the_timeout_fails_as_a_pool_timeout_would() {
-        let folder = std::env::temp_dir().join(format!("blox-writer-{}", std::process::id()));
+    /// A fresh folder for one test's database file, and options that create the file there.
+    fn scratch(name: &str) -> (std::path::PathBuf, SqliteConnectOptions) {
+        let folder = std::env::temp_dir().join(format!("blox-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&folder).unwrap();
         let options = SqliteConnectOptions::new()
-            .filename(folder.join("writer.sqlite3"))
+            .filename(folder.join("test.sqlite3"))
             .create_if_missing(true);
+        (folder, options)
+    }
+
+    #[tokio::test]
+    async fn a_write_waiting_longer_than_the_timeout_fails_as_a_pool_timeout_would() {
+        let (folder, options) = scratch("writer");
         let writer = Writer::connect(&options, Duration::from_millis(50))
             .await
             .unwrap();
@@ -374,11 +380,7 @@ mod tests {
 
     #[tokio::test]
     async fn readers_hand_out_each_connection_once_and_take_it_back_when_dropped() {
-        let folder = std::env::temp_dir().join(format!("blox-readers-{}", std::process::id()));
-        std::fs::create_dir_all(&folder).unwrap();
-        let options = SqliteConnectOptions::new()
-            .filename(folder.join("readers.sqlite3"))
-            .create_if_missing(true);
+        let (folder, options) = scratch("readers");
         let readers = Readers::connect(&options, 2, Duration::from_millis(50))
             .await
             .unwrap();
