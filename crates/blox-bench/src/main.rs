@@ -2,8 +2,9 @@
 //!
 //! For each operation (GetAsync, SetAsync, UpdateAsync, IncrementAsync) and each concurrency,
 //! it runs the calls from that many Luau coroutines through the real engine, then runs the
-//! same SQL statements from as many Tokio tasks with raw sqlx, on pools of the same size, for
-//! the same time. The ratio of the two rates is the cost of everything Blox adds (Luau, the
+//! same SQL statements from as many Tokio tasks with raw sqlx, on connections set up as Blox's
+//! backends set up theirs (SQLite: Blox's own reader set and writer; PostgreSQL: a pool of the
+//! same size), for the same time. The ratio of the two rates is the cost of everything Blox adds (Luau, the
 //! codec, validation, the scheduler, the hop between runtimes). While the Luau load runs, a
 //! Luau thread measures how late `task.wait()` resumes, the timer lag scripts would feel.
 //! GetAsync runs with `UseCache = false`: the point is the database path, not cache hits.
