@@ -102,9 +102,9 @@ pub fn encode(lua: &Lua, value: &Value) -> Result<String, DataStoreError> {
         })
     };
     if let Err(error) = called {
-        // Pushing an existing value onto a checked stack does not fail in practice; if Luau
-        // ever refuses, nothing was encoded and nothing may be written.
-        return Err(DataStoreError::CantStoreValue(error.to_string()));
+        // Luau could not run the protected call at all (mlua reports an allocation failure
+        // here); nothing was encoded, so nothing is written.
+        return Err(DataStoreError::Luau(blox_scheduler::error_message(&error)));
     }
     outcome?;
     if encoder.out.len() > MAX_VALUE_LENGTH {

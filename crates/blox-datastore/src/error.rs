@@ -151,6 +151,10 @@ pub enum DataStoreError {
     /// Stored text that Blox did not write and cannot read.
     #[error("501: Can't parse response, data may be corrupted. ({0})")]
     Corrupt(String),
+    /// Luau itself failed while a value was read for storing (it ran out of memory); the text
+    /// is Luau's own.
+    #[error("{0}")]
+    Luau(String),
 }
 
 impl From<DataStoreError> for mlua::Error {
