@@ -590,8 +590,7 @@ impl RawPools {
                     .await?,
             })
         } else {
-            let pool = sqlx::postgres::PgPoolOptions::new()
-                .max_connections(pool_size)
+            let pool = postgres::pool_options(pool_size, Duration::from_secs(10))
                 .connect(url)
                 .await?;
             Ok(RawPools::Postgres(pool))

@@ -702,3 +702,36 @@ conformance!(
     lists_ordered_entries_by_value_then_key,
     ordered_writes_keep_no_versions,
 );
+
+/// A server restart or failover breaks every pooled PostgreSQL connection. Blox pings only a
+/// connection that sat idle for over a second before handing it out, so the requests that
+/// come after such a break still find working connections instead of failing one by one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_requests_after_the_server_dropped_every_connection_succeed() {
+    let scratch = Scratch::new(TestDatabase::Postgres, "dropped_connections");
+    let application = format!("blox_dropped_{}", std::process::id());
+    let url = format!("{}&application_name={application}", scratch.url);
+    let backend = backend::open(&url, &OpenOptions::default()).await.unwrap();
+    let writes: Vec<_> = (0..8)
+        .map(|i| {
+            let backend = Arc::clone(&backend);
+            tokio::spawn(async move { backend.write(&key(&format!("k{i}")), &write("1", 1)).await })
+        })
+        .collect();
+    for written in writes {
+        written.await.unwrap().unwrap();
+    }
+    blox_testkit::psql(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = '{application}'"
+    ));
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    for i in 0..8 {
+        let entry = backend.read(&key(&format!("k{i}"))).await;
+        assert!(
+            matches!(entry, Ok(Some(_))),
+            "read {i} after the connections were dropped: {entry:?}"
+        );
+    }
+    backend.write(&key("after"), &write("2", 2)).await.unwrap();
+}
