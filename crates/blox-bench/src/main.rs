@@ -3,9 +3,10 @@
 //! For each operation (GetAsync, SetAsync, UpdateAsync, IncrementAsync) and each concurrency,
 //! it runs the calls from that many Luau coroutines through the real engine, then runs the
 //! same SQL statements from as many Tokio tasks with raw sqlx, on connections set up as Blox's
-//! backends set up theirs (SQLite: Blox's own reader set and writer; PostgreSQL: a pool of the
-//! same size), for the same time. The ratio of the two rates is the cost of everything Blox adds (Luau, the
-//! codec, validation, the scheduler, the hop between runtimes). While the Luau load runs, a
+//! backends set up theirs (SQLite: Blox's own connection sets of four readers and one writer;
+//! PostgreSQL: a pool built by the same function), for the same time. The ratio of the two
+//! rates is the cost of everything Blox adds (Luau, the codec, validation, the scheduler, the
+//! hop between runtimes). While the Luau load runs, a
 //! Luau thread measures how late `task.wait()` resumes, the timer lag scripts would feel.
 //! GetAsync runs with `UseCache = false`: the point is the database path, not cache hits.
 //!
@@ -137,7 +138,10 @@ fn main() -> anyhow::Result<()> {
     let host = Host::open(&args.database_url, &options).context("opening the database")?;
     let runtime = host.database_runtime();
     runtime.block_on(seed(&host))?;
-    let raw = runtime.block_on(RawPools::open(&args.database_url, args.postgres_pool_size))?;
+    let raw = runtime.block_on(RawConnections::open(
+        &args.database_url,
+        args.postgres_pool_size,
+    ))?;
 
     if !args.listing_sizes.is_empty() {
         for &size in &args.listing_sizes {
@@ -560,18 +564,18 @@ fn run_layers(
 const LAYER_KEYS: usize = 100_000;
 
 /// Connections set up as Blox's backends set up theirs (SQLite: Blox's own
-/// [`sqlite::Readers`] and [`sqlite::Writer`]), used directly with sqlx.
-enum RawPools {
+/// [`sqlite::ConnectionSet`]s of four readers and one writer), used directly with sqlx.
+enum RawConnections {
     Sqlite {
-        readers: sqlite::Readers,
-        writer: sqlite::Writer,
+        readers: sqlite::ConnectionSet,
+        writer: sqlite::ConnectionSet,
         /// Fills the stores before a run; never measured.
         seeder: Pool<sqlx::Sqlite>,
     },
     Postgres(Pool<sqlx::Postgres>),
 }
 
-impl RawPools {
+impl RawConnections {
     async fn open(url: &str, pool_size: u32) -> anyhow::Result<Self> {
         use std::str::FromStr as _;
         if let Some(path) = url.strip_prefix("sqlite://") {
@@ -581,9 +585,9 @@ impl RawPools {
                 .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
                 .busy_timeout(Duration::from_secs(10));
             let timeout = Duration::from_secs(10);
-            Ok(RawPools::Sqlite {
-                readers: sqlite::Readers::connect(&connect, 4, timeout).await?,
-                writer: sqlite::Writer::connect(&connect, timeout).await?,
+            Ok(RawConnections::Sqlite {
+                readers: sqlite::ConnectionSet::connect(&connect, 4, timeout).await?,
+                writer: sqlite::ConnectionSet::connect(&connect, 1, timeout).await?,
                 seeder: sqlx::sqlite::SqlitePoolOptions::new()
                     .max_connections(1)
                     .connect_with(connect)
@@ -593,7 +597,7 @@ impl RawPools {
             let pool = postgres::pool_options(pool_size, Duration::from_secs(10))
                 .connect(url)
                 .await?;
-            Ok(RawPools::Postgres(pool))
+            Ok(RawConnections::Postgres(pool))
         }
     }
 
@@ -604,8 +608,8 @@ impl RawPools {
     async fn seed_listing(&self, size: usize) -> anyhow::Result<()> {
         for seed in &listing_seeds(size) {
             match self {
-                RawPools::Sqlite { seeder, .. } => seed_rows(seeder, seed, size).await?,
-                RawPools::Postgres(pool) => seed_rows(pool, seed, size).await?,
+                RawConnections::Sqlite { seeder, .. } => seed_rows(seeder, seed, size).await?,
+                RawConnections::Postgres(pool) => seed_rows(pool, seed, size).await?,
             }
         }
         Ok(())
@@ -619,14 +623,14 @@ impl RawPools {
             seq: 1,
         };
         match self {
-            RawPools::Sqlite { seeder, .. } => seed_rows(seeder, &seed, LAYER_KEYS).await,
-            RawPools::Postgres(pool) => seed_rows(pool, &seed, LAYER_KEYS).await,
+            RawConnections::Sqlite { seeder, .. } => seed_rows(seeder, &seed, LAYER_KEYS).await,
+            RawConnections::Postgres(pool) => seed_rows(pool, &seed, LAYER_KEYS).await,
         }
     }
 
     async fn run(&self, op: Op, concurrency: usize, seconds: f64) -> anyhow::Result<Stats> {
         match self {
-            RawPools::Sqlite {
+            RawConnections::Sqlite {
                 readers, writer, ..
             } => {
                 measure(
@@ -639,7 +643,7 @@ impl RawPools {
                 )
                 .await
             }
-            RawPools::Postgres(pool) => {
+            RawConnections::Postgres(pool) => {
                 measure(op, concurrency, seconds, pool, pool, &postgres::STATEMENTS).await
             }
         }
@@ -655,16 +659,8 @@ trait Connections<DB: Database>: Clone + Send + Sync + 'static {
     fn connection(&self) -> impl Future<Output = Result<Self::Guard<'_>, sqlx::Error>> + Send;
 }
 
-impl Connections<sqlx::Sqlite> for sqlite::Writer {
-    type Guard<'a> = tokio::sync::MutexGuard<'a, sqlx::SqliteConnection>;
-
-    fn connection(&self) -> impl Future<Output = Result<Self::Guard<'_>, sqlx::Error>> + Send {
-        self.lock()
-    }
-}
-
-impl Connections<sqlx::Sqlite> for sqlite::Readers {
-    type Guard<'a> = sqlite::Reader<'a>;
+impl Connections<sqlx::Sqlite> for sqlite::ConnectionSet {
+    type Guard<'a> = sqlite::Lease<'a>;
 
     fn connection(&self) -> impl Future<Output = Result<Self::Guard<'_>, sqlx::Error>> + Send {
         self.acquire()
@@ -679,18 +675,17 @@ impl Connections<sqlx::Postgres> for Pool<sqlx::Postgres> {
     }
 }
 
-async fn measure<DB, R, W>(
+async fn measure<DB, C>(
     op: Op,
     concurrency: usize,
     seconds: f64,
-    readers: &R,
-    writer: &W,
+    readers: &C,
+    writer: &C,
     statements: &'static Statements,
 ) -> anyhow::Result<Stats>
 where
     DB: Database,
-    R: Connections<DB>,
-    W: Connections<DB>,
+    C: Connections<DB>,
     for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
     for<'q> <DB as Database>::Arguments: sqlx::IntoArguments<DB>,
     i64: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB> + for<'r> sqlx::Decode<'r, DB>,

@@ -157,18 +157,9 @@ impl PostgresBackend {
             keep_all_versions: options.keep_all_versions,
         })
     }
-}
 
-impl PostgresBackend {
-    async fn read_connection(
-        &self,
-    ) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error> {
-        self.pool.acquire().await
-    }
-
-    async fn write_connection(
-        &self,
-    ) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error> {
+    /// A connection for reads and writes alike: one pool serves both.
+    async fn connection(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error> {
         self.pool.acquire().await
     }
 }
@@ -177,6 +168,6 @@ sql_backend!(
     PostgresBackend,
     sqlx::Postgres,
     STATEMENTS,
-    read_connection = read_connection,
-    write_connection = write_connection
+    read_connection = connection,
+    write_connection = connection
 );

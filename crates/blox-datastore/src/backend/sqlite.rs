@@ -2,11 +2,12 @@
 //!
 //! WAL journal, so readers never block the writer. One writer connection: SQLite allows one
 //! writer at a time anyway, and a single connection avoids its lock back-off (measured: same
-//! throughput as four writers, without their 130 ms p99.9). Readers get a small pool of their
-//! own; the writer is not a pool at all (see [`Writer`]). `synchronous=NORMAL` survives a process crash (`kill -9` loses nothing that was
-//! acknowledged); `FULL` also survives power loss. Several processes may share the file: the
-//! busy timeout makes their writers queue for the lock, and the compare-and-set writes keep
-//! read-modify-write operations exact.
+//! throughput as four writers, without their 130 ms p99.9). Readers get four connections of
+//! their own. Both are Blox's own [`ConnectionSet`]s, not sqlx pools. `synchronous=NORMAL`
+//! survives a process crash (`kill -9` loses nothing that was acknowledged); `FULL` also
+//! survives power loss. Several processes may share the file: the busy timeout makes their
+//! writers queue for the lock, and the compare-and-set writes keep read-modify-write
+//! operations exact.
 
 use std::path::Path;
 use std::str::FromStr as _;
@@ -17,12 +18,12 @@ use sqlx::Connection as _;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
 };
-use tokio::sync::{Mutex, MutexGuard, Semaphore, SemaphorePermit};
+use tokio::sync::{Semaphore, SemaphorePermit};
+
+use super::{BackendError, OpenOptions, Statements, sql_backend};
 
 /// Reading connections per server: enough for the two cores of a small machine to keep busy.
 const READERS: usize = 4;
-
-use super::{BackendError, OpenOptions, Statements, sql_backend};
 
 /// SQLite's durability setting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -130,67 +131,37 @@ pub const STATEMENTS: Statements = Statements {
             GROUP BY store_name ORDER BY store_name LIMIT ?6",
 };
 
-/// The one connection that writes, handed from write to write by an async mutex.
+/// A fixed set of connections to one file, each statement borrowing an idle one: the backend's
+/// single writer is a set of one, its readers a set of four.
 ///
-/// Not a one-connection sqlx pool: sqlx pings every connection that comes back to a pool, a
-/// round trip to the connection's worker thread, and the next write cannot start until it is
-/// done. With one writer, that round trip sat on the path every write queues on; without it,
-/// raw writes went from ~8,000-9,800 to ~11,000-17,000 a second (BENCHMARKS.md).
+/// Not a sqlx pool: sqlx pings every connection that comes back to a pool (and by default each
+/// one it hands out), a round trip to the connection's worker thread. An embedded database
+/// cannot drop a connection, so the ping checks nothing, and with one writer the return ping
+/// sat on the path every queued write waits on (BENCHMARKS.md, session 4).
 #[derive(Debug, Clone)]
-pub struct Writer {
-    connection: Arc<Mutex<SqliteConnection>>,
-    /// How long a write waits for the connection before failing, as a pool's acquire timeout.
-    timeout: Duration,
-}
-
-impl Writer {
-    /// Opens the writer connection.
-    pub async fn connect(
-        options: &SqliteConnectOptions,
-        timeout: Duration,
-    ) -> Result<Self, sqlx::Error> {
-        Ok(Self {
-            connection: Arc::new(Mutex::new(SqliteConnection::connect_with(options).await?)),
-            timeout,
-        })
-    }
-
-    /// The connection, once the writes queued before this one are done.
-    pub async fn lock(&self) -> Result<MutexGuard<'_, SqliteConnection>, sqlx::Error> {
-        tokio::time::timeout(self.timeout, self.connection.lock())
-            .await
-            .map_err(|_| sqlx::Error::PoolTimedOut)
-    }
-}
-
-/// The reading connections: a fixed set, each read borrowing an idle one.
-///
-/// Not a sqlx pool, for the reason given at [`Writer`]: the ping sqlx sends to every
-/// connection that comes back to a pool kept each reader busy for a second round trip after
-/// every read.
-#[derive(Debug, Clone)]
-pub struct Readers {
-    shared: Arc<ReaderSet>,
+pub struct ConnectionSet {
+    shared: Arc<Shared>,
 }
 
 #[derive(Debug)]
-struct ReaderSet {
+struct Shared {
     idle: std::sync::Mutex<Vec<SqliteConnection>>,
-    /// One permit per idle connection.
+    /// One permit per idle connection; waiters are served in order.
     available: Semaphore,
-    /// How long a read waits for a connection before failing, as a pool's acquire timeout.
+    /// How long a statement waits for a connection before failing, as a pool's acquire
+    /// timeout.
     timeout: Duration,
 }
 
-/// A reading connection, back in its set when dropped.
-pub struct Reader<'a> {
+/// A connection borrowed from a [`ConnectionSet`], back in the set when dropped.
+pub struct Lease<'a> {
     connection: Option<SqliteConnection>,
-    set: &'a ReaderSet,
+    set: &'a Shared,
     _permit: SemaphorePermit<'a>,
 }
 
-impl Readers {
-    /// Opens `count` reading connections.
+impl ConnectionSet {
+    /// Opens `count` connections.
     pub async fn connect(
         options: &SqliteConnectOptions,
         count: usize,
@@ -201,7 +172,7 @@ impl Readers {
             idle.push(SqliteConnection::connect_with(options).await?);
         }
         Ok(Self {
-            shared: Arc::new(ReaderSet {
+            shared: Arc::new(Shared {
                 idle: std::sync::Mutex::new(idle),
                 available: Semaphore::new(count),
                 timeout,
@@ -210,7 +181,7 @@ impl Readers {
     }
 
     /// An idle connection, waiting for one to come back when all are busy.
-    pub async fn acquire(&self) -> Result<Reader<'_>, sqlx::Error> {
+    pub async fn acquire(&self) -> Result<Lease<'_>, sqlx::Error> {
         let set = &*self.shared;
         let permit = tokio::time::timeout(set.timeout, set.available.acquire())
             .await
@@ -222,7 +193,7 @@ impl Readers {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .pop()
             .ok_or(sqlx::Error::PoolClosed)?;
-        Ok(Reader {
+        Ok(Lease {
             connection: Some(connection),
             set,
             _permit: permit,
@@ -230,25 +201,25 @@ impl Readers {
     }
 }
 
-impl std::ops::Deref for Reader<'_> {
+impl std::ops::Deref for Lease<'_> {
     type Target = SqliteConnection;
 
     fn deref(&self) -> &SqliteConnection {
         self.connection
             .as_ref()
-            .expect("a reader holds its connection until dropped")
+            .expect("a lease holds its connection until dropped")
     }
 }
 
-impl std::ops::DerefMut for Reader<'_> {
+impl std::ops::DerefMut for Lease<'_> {
     fn deref_mut(&mut self) -> &mut SqliteConnection {
         self.connection
             .as_mut()
-            .expect("a reader holds its connection until dropped")
+            .expect("a lease holds its connection until dropped")
     }
 }
 
-impl Drop for Reader<'_> {
+impl Drop for Lease<'_> {
     fn drop(&mut self) {
         // The permit is a field, released after this body: the connection is idle again
         // before anyone may take it.
@@ -265,8 +236,8 @@ impl Drop for Reader<'_> {
 /// Entries in a SQLite file.
 #[derive(Debug, Clone)]
 pub struct SqliteBackend {
-    readers: Readers,
-    writer: Writer,
+    readers: ConnectionSet,
+    writer: ConnectionSet,
     /// Every write asks to keep the version it supersedes ([`OpenOptions::keep_all_versions`]).
     keep_all_versions: bool,
 }
@@ -319,8 +290,8 @@ impl SqliteBackend {
             .run(&migrations)
             .await?;
         migrations.close().await;
-        let writer = Writer::connect(&connect, options.timeout).await?;
-        let readers = Readers::connect(&connect, READERS, options.timeout).await?;
+        let writer = ConnectionSet::connect(&connect, 1, options.timeout).await?;
+        let readers = ConnectionSet::connect(&connect, READERS, options.timeout).await?;
         drop(lock);
         Ok(Self {
             readers,
@@ -328,15 +299,13 @@ impl SqliteBackend {
             keep_all_versions: options.keep_all_versions,
         })
     }
-}
 
-impl SqliteBackend {
-    async fn read_connection(&self) -> Result<Reader<'_>, sqlx::Error> {
+    async fn read_connection(&self) -> Result<Lease<'_>, sqlx::Error> {
         self.readers.acquire().await
     }
 
-    async fn write_connection(&self) -> Result<MutexGuard<'_, SqliteConnection>, sqlx::Error> {
-        self.writer.lock().await
+    async fn write_connection(&self) -> Result<Lease<'_>, sqlx::Error> {
+        self.writer.acquire().await
     }
 }
 
@@ -352,36 +321,34 @@ sql_backend!(
 mod tests {
     use super::*;
 
-    /// A fresh folder for one test's database file, and options that create the file there.
-    fn scratch(name: &str) -> (std::path::PathBuf, SqliteConnectOptions) {
-        let folder = std::env::temp_dir().join(format!("blox-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&folder).unwrap();
+    /// Options that create a database file in a fresh folder, removed with the folder.
+    fn scratch() -> (tempfile::TempDir, SqliteConnectOptions) {
+        let folder = tempfile::tempdir().unwrap();
         let options = SqliteConnectOptions::new()
-            .filename(folder.join("test.sqlite3"))
+            .filename(folder.path().join("test.sqlite3"))
             .create_if_missing(true);
         (folder, options)
     }
 
     #[tokio::test]
     async fn a_write_waiting_longer_than_the_timeout_fails_as_a_pool_timeout_would() {
-        let (folder, options) = scratch("writer");
-        let writer = Writer::connect(&options, Duration::from_millis(50))
+        let (_folder, options) = scratch();
+        let writer = ConnectionSet::connect(&options, 1, Duration::from_millis(50))
             .await
             .unwrap();
-        let held = writer.lock().await.unwrap();
+        let held = writer.acquire().await.unwrap();
         assert!(matches!(
-            writer.lock().await,
+            writer.acquire().await,
             Err(sqlx::Error::PoolTimedOut)
         ));
         drop(held);
-        assert!(writer.lock().await.is_ok(), "free again once released");
-        std::fs::remove_dir_all(&folder).unwrap();
+        assert!(writer.acquire().await.is_ok(), "free again once released");
     }
 
     #[tokio::test]
     async fn readers_hand_out_each_connection_once_and_take_it_back_when_dropped() {
-        let (folder, options) = scratch("readers");
-        let readers = Readers::connect(&options, 2, Duration::from_millis(50))
+        let (_folder, options) = scratch();
+        let readers = ConnectionSet::connect(&options, 2, Duration::from_millis(50))
             .await
             .unwrap();
         let mut first = readers.acquire().await.unwrap();
@@ -399,6 +366,5 @@ mod tests {
         let mut again = readers.acquire().await.unwrap();
         sqlx::query("SELECT 1").execute(&mut *again).await.unwrap();
         drop((again, second));
-        std::fs::remove_dir_all(&folder).unwrap();
     }
 }
