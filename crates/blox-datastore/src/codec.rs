@@ -299,8 +299,8 @@ unsafe fn string_at<'a>(state: *mut ffi::lua_State, index: c_int) -> Option<&'a 
     std::str::from_utf8(bytes).ok()
 }
 
-/// How a dictionary key is stored: strings as they are (UTF-8 only), numbers as Luau's
-/// `tostring` writes them; `None` for any other key.
+/// How a dictionary key is stored: strings as they are (UTF-8 only), numbers as
+/// [`number_key`] writes them; `None` for any other key.
 ///
 /// # Safety
 /// As [`string_at`], for the key at `index`.
@@ -312,13 +312,7 @@ unsafe fn key_name<'a>(state: *mut ffi::lua_State, index: c_int) -> Option<KeyNa
             ffi::LUA_TSTRING => string_at(state, index).map(KeyName::Borrowed),
             ffi::LUA_TNUMBER => {
                 let n = ffi::lua_tonumber(state, index);
-                if n.fract() == 0.0 && (I64_RANGE_START..-I64_RANGE_START).contains(&n) {
-                    Some(KeyName::Number((n as i64).to_string()))
-                } else if n.is_finite() {
-                    Some(KeyName::Number(number_key(n)))
-                } else {
-                    None
-                }
+                n.is_finite().then(|| KeyName::Number(number_key(n)))
             }
             ffi::LUA_TINTEGER => Some(KeyName::Number(
                 ffi::lua_tointeger64(state, index, std::ptr::null_mut()).to_string(),
@@ -328,8 +322,7 @@ unsafe fn key_name<'a>(state: *mut ffi::lua_State, index: c_int) -> Option<KeyNa
     }
 }
 
-/// -2^63 as a float: integral keys from here up to (not including) 2^63 stringify as `i64`s,
-/// as mlua's integer conversion reads them.
+/// -2^63 as a float: whole-number keys from here up to (not including) 2^63 fit an `i64`.
 const I64_RANGE_START: f64 = i64::MIN as f64;
 
 /// The 1-based array index a key stands for, when it is a positive whole number.
@@ -400,10 +393,12 @@ unsafe fn unstorable_type(state: *mut ffi::lua_State, index: c_int, kind: c_int)
     }
 }
 
-/// How a numeric key of a length-0 table is stringified (as Luau's `tostring` would).
+/// How a numeric key of a length-0 table is stringified: whole numbers in the `i64` range in
+/// full (`2^60` as `1152921504606846976`, as mlua's integer conversion read them), others in
+/// their shortest form.
 fn number_key(n: f64) -> String {
-    if n.fract() == 0.0 && n.abs() < 1e15 {
-        format!("{}", n as i64)
+    if n.fract() == 0.0 && (I64_RANGE_START..-I64_RANGE_START).contains(&n) {
+        (n as i64).to_string()
     } else {
         format!("{n}")
     }
