@@ -25,6 +25,16 @@ fn events(engine: &Engine) -> Vec<String> {
     recorded(engine)
 }
 
+/// Starts a script on `engine` that sets key `k` of the data store `store` to `value`.
+fn set_with_script(engine: &Engine, store: &str, value: i64) {
+    let source = format!(
+        r#"game:GetService("DataStoreService"):GetDataStore("{store}"):SetAsync("k", {value})"#
+    );
+    engine
+        .start_script("write.server.luau", source.as_bytes())
+        .unwrap();
+}
+
 /// Steps the watcher's frames (its clock standing still) until `done`, for at most `limit` of
 /// real time (the database answers polls in milliseconds).
 async fn frames_until(engine: &Engine, limit: Duration, done: impl Fn(&Engine) -> bool) {
@@ -60,12 +70,7 @@ fn other_servers_writes_reach_on_update_within_a_minute() {
         frames_until(&watcher, Duration::from_secs(1), |_| false).await;
         assert!(seen(&watcher).is_empty());
 
-        writer
-            .start_script(
-                "write.server.luau",
-                br#"game:GetService("DataStoreService"):GetDataStore("Watched"):SetAsync("k", 5)"#,
-            )
-            .unwrap();
+        set_with_script(&writer, "Watched", 5);
         writer.run_until_idle().await;
 
         clock.advance(Duration::from_secs(30));
@@ -87,12 +92,7 @@ fn other_servers_writes_reach_on_update_within_a_minute() {
         );
 
         // This server's own write fires at once, and the next poll does not repeat it.
-        watcher
-            .start_script(
-                "own.server.luau",
-                br#"game:GetService("DataStoreService"):GetDataStore("Watched"):SetAsync("k", 6)"#,
-            )
-            .unwrap();
+        set_with_script(&watcher, "Watched", 6);
         frames_until(&watcher, Duration::from_secs(10), |engine| {
             seen(engine).len() == 2
         })
@@ -134,12 +134,7 @@ fn a_poll_older_than_this_servers_own_write_reports_nothing() {
         // within the pause, before the script below writes the key.
         watcher.scheduler().step_frame(watcher.lua());
         tokio::time::sleep(Duration::from_millis(300)).await;
-        watcher
-            .start_script(
-                "write.server.luau",
-                br#"game:GetService("DataStoreService"):GetDataStore("Raced"):SetAsync("k", 1)"#,
-            )
-            .unwrap();
+        set_with_script(&watcher, "Raced", 1);
         watcher.run_until_idle().await;
         assert_eq!(events(&watcher), ["1"], "the own write fires at once");
         frames_until(&watcher, Duration::from_secs(1), |engine| {
