@@ -313,21 +313,23 @@ impl<S: PageSource> UserData for Pages<S> {
         methods.add_method("GetCurrentPage", |lua, pages, ()| {
             lua.create_sequence_from(pages.page.borrow().0.iter().cloned())
         });
-        methods.add_async_method("AdvanceToNextPageAsync", |lua, pages, ()| async move {
-            let Some(after) = pages.page.borrow().1.clone() else {
-                return Err(mlua::Error::RuntimeError(
-                    "No pages to advance to".to_owned(),
-                ));
-            };
-            let store = pages.source.store_name().to_owned();
-            pages
-                .context
-                .budgets
-                .acquire(&lua, S::FAMILY, 1, S::API, &store, "")
-                .await?;
-            let next = pages.source.fetch(&pages.context, after).await?;
-            *pages.page.borrow_mut() = next;
-            Ok(())
+        methods.add_async_method("AdvanceToNextPageAsync", |lua, pages, ()| {
+            crate::service::yielding(lua, |lua| async move {
+                let Some(after) = pages.page.borrow().1.clone() else {
+                    return Err(mlua::Error::RuntimeError(
+                        "No pages to advance to".to_owned(),
+                    ));
+                };
+                let store = pages.source.store_name().to_owned();
+                pages
+                    .context
+                    .budgets
+                    .acquire(&lua, S::FAMILY, 1, S::API, &store, "")
+                    .await?;
+                let next = pages.source.fetch(&pages.context, after).await?;
+                *pages.page.borrow_mut() = next;
+                Ok(())
+            })
         });
         methods.add_method("IsA", |_, _, class: String| {
             Ok(class == S::CLASS || class == "Pages" || class == "Instance")

@@ -19,7 +19,7 @@ use crate::listing::{Page, PageSource, Pages, Position, keep_page};
 use crate::operations::{self, OperationError};
 use crate::service::{
     DataStore, DataStoreContext, KeyInfo, call_transform, cast_error, codec_type_name, use_cache,
-    yield_once,
+    yielding,
 };
 
 /// The largest magnitude a value may have: every integer up to it is exact in a Luau number.
@@ -68,7 +68,6 @@ impl OrderedDataStore {
     ) -> mlua::Result<Value> {
         let key = this.0.entry_key(&lua, key)?;
         let use_cache = use_cache(&options)?;
-        yield_once().await;
         match this.0.read_through(&lua, key, use_cache).await? {
             Some(state) => crate::codec::to_lua(&lua, &state.0),
             None => Ok(Value::Nil),
@@ -92,7 +91,6 @@ impl OrderedDataStore {
             return Err(DataStoreError::ArgumentMissing(2).into());
         }
         let value = ordered_value(&value)?;
-        yield_once().await;
         this.0
             .spend(&lua, Family::OrderedWrite, "SetAsync", &key)
             .await?;
@@ -120,7 +118,6 @@ impl OrderedDataStore {
             Value::Number(n) if n.is_finite() => (n + 0.5).floor() as i64,
             other => return Err(cast_error(other, "int").into()),
         };
-        yield_once().await;
         this.0
             .spend(&lua, Family::OrderedWrite, "IncrementAsync", &key)
             .await?;
@@ -171,7 +168,6 @@ impl OrderedDataStore {
             }
             .into());
         };
-        yield_once().await;
         this.0
             .spend(&lua, Family::OrderedRead, "UpdateAsync", &key)
             .await?;
@@ -215,7 +211,6 @@ impl OrderedDataStore {
 
     async fn remove(this: UserDataRef<Self>, lua: Lua, key: Value) -> mlua::Result<Value> {
         let key = this.0.entry_key(&lua, key)?;
-        yield_once().await;
         this.0
             .spend(&lua, Family::OrderedRemove, "RemoveAsync", &key)
             .await?;
@@ -278,7 +273,6 @@ impl OrderedDataStore {
             page_size,
             store_name: this.0.name.clone(),
         };
-        yield_once().await;
         Pages::first(&lua, this.0.context.clone(), query, Position::default()).await
     }
 
@@ -303,7 +297,6 @@ impl OrderedDataStore {
             let key: Value = keys.raw_get(index)?;
             entry_keys.push(this.0.entry_key(&lua, key)?);
         }
-        yield_once().await;
         // One OrderedRead per key, as Roblox counts it.
         this.0
             .context
@@ -370,28 +363,28 @@ impl UserData for OrderedDataStore {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
         instance_methods!(methods, "OrderedDataStore", ordered_name);
         methods.add_async_method("GetAsync", |lua, this, args: (Value, Value)| {
-            OrderedDataStore::get(this, lua, args)
+            yielding(lua, |lua| OrderedDataStore::get(this, lua, args))
         });
         methods.add_async_method("SetAsync", |lua, this, args: (Value, Value)| {
-            OrderedDataStore::set(this, lua, args)
+            yielding(lua, |lua| OrderedDataStore::set(this, lua, args))
         });
         methods.add_async_method("IncrementAsync", |lua, this, args: (Value, Value)| {
-            OrderedDataStore::increment(this, lua, args)
+            yielding(lua, |lua| OrderedDataStore::increment(this, lua, args))
         });
         methods.add_async_method("UpdateAsync", |lua, this, args: (Value, Value)| {
-            OrderedDataStore::update(this, lua, args)
+            yielding(lua, |lua| OrderedDataStore::update(this, lua, args))
         });
         methods.add_async_method("RemoveAsync", |lua, this, key: Value| {
-            OrderedDataStore::remove(this, lua, key)
+            yielding(lua, |lua| OrderedDataStore::remove(this, lua, key))
         });
         methods.add_async_method(
             "GetSortedAsync",
             |lua, this, args: (Value, Value, Value, Value)| {
-                OrderedDataStore::get_sorted(this, lua, args)
+                yielding(lua, |lua| OrderedDataStore::get_sorted(this, lua, args))
             },
         );
         methods.add_async_method("BatchGetAsync", |lua, this, args: (Value, Value)| {
-            OrderedDataStore::batch_get(this, lua, args)
+            yielding(lua, |lua| OrderedDataStore::batch_get(this, lua, args))
         });
         methods.add_method("OnUpdate", |lua, this, args: (Value, Value)| {
             this.0.on_update(lua, args)

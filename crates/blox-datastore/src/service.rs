@@ -1,12 +1,13 @@
 //! The Luau objects: `DataStoreService`, `DataStore`, `DataStoreKeyInfo` and the option
 //! classes, with Roblox's members, return values, yielding and errors.
 //!
-//! Every `*Async` method validates its arguments first (a bad call raises at once and writes
-//! nothing), then yields once unconditionally (Roblox libraries connect to their own signals
-//! after the call and hang if it returns without yielding; it also makes a call from a
-//! non-yieldable context, such as an UpdateAsync transform, fail before any work is sent),
-//! then hands the database work to the database runtime and parks the calling thread on the
-//! join handle. The VM thread only converts values; it never waits on the database.
+//! Every `*Async` method runs inside [`yielding`]: a thread that cannot yield (an UpdateAsync
+//! transform) is refused before any work is sent; the method validates its arguments (a bad
+//! call raises at once and writes nothing), hands the database work to the database runtime
+//! and parks the calling thread on the join handle; an answer that needed no wait (a cache
+//! hit) still yields once, because Roblox libraries connect to their own signals after the
+//! call and hang if it returns without yielding. The VM thread only converts values; it never
+//! waits on the database.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -129,9 +130,45 @@ impl DataStoreContext {
     }
 }
 
-/// The guaranteed yield of every `*Async` call (see [`blox_scheduler::yield_now`]).
-pub(crate) fn yield_once() -> impl Future<Output = ()> {
-    blox_scheduler::yield_now()
+/// Runs an `*Async` method so that the calling thread yields at least once, as every Roblox
+/// `*Async` call does even when its answer is instant (a cache hit); libraries connect to their
+/// own signals after such a call and would hang otherwise. A call that reached the database
+/// already yielded while it waited and pays for no second resumption, which a fixed yield
+/// before every call would cost. A call whose arguments are rejected raises at once.
+///
+/// A thread that cannot yield (inside an UpdateAsync transform, a metamethod) is refused
+/// before `call` starts, with Luau's own message, so such a call never sends work it could not
+/// wait for.
+pub(crate) async fn yielding<T, F>(lua: Lua, call: impl FnOnce(Lua) -> F) -> mlua::Result<T>
+where
+    F: Future<Output = mlua::Result<T>>,
+{
+    if !can_yield(&lua) {
+        return Err(mlua::Error::runtime(
+            "attempt to yield across metamethod/C-call boundary",
+        ));
+    }
+    let mut call = std::pin::pin!(call(lua));
+    let mut waited = false;
+    let result = std::future::poll_fn(|context| {
+        let poll = call.as_mut().poll(context);
+        waited |= poll.is_pending();
+        poll
+    })
+    .await;
+    if !waited && result.is_ok() {
+        blox_scheduler::yield_now().await;
+    }
+    result
+}
+
+/// Whether the running Luau thread may yield: false inside a call made from Rust (an
+/// UpdateAsync transform) or a metamethod.
+#[allow(unsafe_code)]
+fn can_yield(lua: &Lua) -> bool {
+    // SAFETY: `state()` is the thread running the current callback; `lua_isyieldable` only
+    // reads its call depth.
+    lua.exec_raw_lua(|raw| unsafe { mlua::ffi::lua_isyieldable(raw.state()) != 0 })
 }
 
 /// `game:GetService("DataStoreService")`.
@@ -227,7 +264,7 @@ impl UserData for DataStoreService {
         });
         methods.add_async_method(
             "ListDataStoresAsync",
-            |lua, service, (prefix, page_size, cursor): (Option<String>, Option<f64>, Option<String>)| async move {
+            |lua, service, (prefix, page_size, cursor): (Option<String>, Option<f64>, Option<String>)| yielding(lua, move |lua| async move {
                 let page_size = listing::page_size(page_size, listing::DEFAULT_STORE_PAGE_SIZE)?;
                 let after = start_after(cursor, "ListDataStoresAsync", "")?;
                 let base = StoreListing {
@@ -242,9 +279,8 @@ impl UserData for DataStoreService {
                     listing: StoreQuery::listing_for(base, prefix.as_deref().unwrap_or("")),
                     page_size,
                 };
-                yield_once().await;
                 Pages::first(&lua, Rc::clone(&service.context), query, after).await
-            },
+            }),
         );
         methods.add_method(
             "GetRequestBudgetForRequestType",
@@ -437,7 +473,6 @@ impl DataStore {
     ) -> mlua::Result<MultiValue> {
         let key = this.entry_key(&lua, key)?;
         let use_cache = use_cache(&options)?;
-        yield_once().await;
         let found = this.read_through(&lua, key, use_cache).await?;
         value_and_info(&lua, found.as_deref())
     }
@@ -484,7 +519,6 @@ impl DataStore {
         let value = codec::encode(&lua, &args.value)?;
         let user_ids = user_ids_json(args.user_ids)?;
         let metadata = metadata_json(&lua, options_metadata(args.options, "DataStoreSetOptions")?)?;
-        yield_once().await;
         this.spend(&lua, Family::StandardWrite, "SetAsync", &key)
             .await?;
         let write_key = key.clone();
@@ -526,7 +560,6 @@ impl DataStore {
             }
             .into());
         };
-        yield_once().await;
         this.spend(&lua, Family::StandardRead, "UpdateAsync", &key)
             .await?;
         let mut write_paid = false;
@@ -612,7 +645,6 @@ impl DataStore {
             &lua,
             options_metadata(args.options, "DataStoreIncrementOptions")?,
         )?;
-        yield_once().await;
         this.spend(&lua, Family::StandardWrite, "IncrementAsync", &key)
             .await?;
         let (value, version) = this
@@ -671,7 +703,6 @@ impl DataStore {
             qualified: this.all_scopes,
             store_name: this.name.clone(),
         };
-        yield_once().await;
         Pages::first(&lua, Rc::clone(&this.context), query, after).await
     }
 
@@ -697,7 +728,6 @@ impl DataStore {
     ) -> mlua::Result<MultiValue> {
         let key = this.entry_key(&lua, key)?;
         let (version, seq) = this.version_argument("GetVersionAsync", version)?;
-        yield_once().await;
         this.spend(&lua, Family::StandardRead, "GetVersionAsync", &key)
             .await?;
         let found = this
@@ -730,7 +760,6 @@ impl DataStore {
             }
             .into());
         }
-        yield_once().await;
         this.spend(&lua, Family::StandardRead, "GetVersionAtTimeAsync", &key)
             .await?;
         let found = this
@@ -770,7 +799,6 @@ impl DataStore {
             page_size,
             store_name: this.name.clone(),
         };
-        yield_once().await;
         Pages::first(&lua, Rc::clone(&this.context), query, Default::default()).await
     }
 
@@ -781,7 +809,6 @@ impl DataStore {
     ) -> mlua::Result<()> {
         let key = this.entry_key(&lua, key)?;
         let (version, seq) = this.version_argument("RemoveVersionAsync", version)?;
-        yield_once().await;
         this.spend(&lua, Family::RemoveVersion, "RemoveVersionAsync", &key)
             .await?;
         let remove_key = key.clone();
@@ -804,7 +831,6 @@ impl DataStore {
 
     async fn remove(this: UserDataRef<Self>, lua: Lua, key: Value) -> mlua::Result<MultiValue> {
         let key = this.entry_key(&lua, key)?;
-        yield_once().await;
         this.spend(&lua, Family::StandardRemove, "RemoveAsync", &key)
             .await?;
         let remove_key = key.clone();
@@ -1175,35 +1201,37 @@ impl UserData for DataStore {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
         instance_methods!(methods, "DataStore", store_name);
         methods.add_async_method("GetAsync", |lua, this, args: (Value, Value)| {
-            DataStore::get(this, lua, args)
+            yielding(lua, |lua| DataStore::get(this, lua, args))
         });
         methods.add_async_method("SetAsync", |lua, this, args: SetArgs| {
-            DataStore::set(this, lua, args)
+            yielding(lua, |lua| DataStore::set(this, lua, args))
         });
         methods.add_async_method("UpdateAsync", |lua, this, args: (Value, Value)| {
-            DataStore::update(this, lua, args)
+            yielding(lua, |lua| DataStore::update(this, lua, args))
         });
         methods.add_async_method("IncrementAsync", |lua, this, args: SetArgs| {
-            DataStore::increment(this, lua, args)
+            yielding(lua, |lua| DataStore::increment(this, lua, args))
         });
         methods.add_async_method("RemoveAsync", |lua, this, key: Value| {
-            DataStore::remove(this, lua, key)
+            yielding(lua, |lua| DataStore::remove(this, lua, key))
         });
         methods.add_async_method("ListKeysAsync", |lua, this, args: ListKeysArgs| {
-            DataStore::list_keys(this, lua, args)
+            yielding(lua, |lua| DataStore::list_keys(this, lua, args))
         });
         methods.add_async_method("GetVersionAsync", |lua, this, args: (Value, Value)| {
-            DataStore::get_version(this, lua, args)
+            yielding(lua, |lua| DataStore::get_version(this, lua, args))
         });
         methods.add_async_method(
             "GetVersionAtTimeAsync",
-            |lua, this, args: (Value, Value)| DataStore::get_version_at_time(this, lua, args),
+            |lua, this, args: (Value, Value)| {
+                yielding(lua, |lua| DataStore::get_version_at_time(this, lua, args))
+            },
         );
         methods.add_async_method("ListVersionsAsync", |lua, this, args: ListVersionsArgs| {
-            DataStore::list_versions(this, lua, args)
+            yielding(lua, |lua| DataStore::list_versions(this, lua, args))
         });
         methods.add_async_method("RemoveVersionAsync", |lua, this, args: (Value, Value)| {
-            DataStore::remove_version(this, lua, args)
+            yielding(lua, |lua| DataStore::remove_version(this, lua, args))
         });
         methods.add_method("OnUpdate", |lua, this, args: (Value, Value)| {
             this.on_update(lua, args)
