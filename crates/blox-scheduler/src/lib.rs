@@ -120,6 +120,8 @@ pub struct Scheduler {
     tasks: RefCell<HashMap<TaskId, Task>>,
     task_of_thread: RefCell<HashMap<*const c_void, TaskId>>,
     deferred: RefCell<VecDeque<(Thread, MultiValue)>>,
+    /// The threads of the resumption cycle in progress that a deadline left unresumed.
+    cycle: RefCell<VecDeque<TaskId>>,
     timers: RefCell<BinaryHeap<Reverse<(Duration, u64)>>>,
     timer_actions: RefCell<HashMap<u64, TimerAction>>,
     frame_hooks: RefCell<Vec<FrameHook>>,
@@ -144,6 +146,7 @@ impl Scheduler {
             tasks: RefCell::default(),
             task_of_thread: RefCell::default(),
             deferred: RefCell::default(),
+            cycle: RefCell::default(),
             timers: RefCell::default(),
             timer_actions: RefCell::default(),
             frame_hooks: RefCell::default(),
@@ -241,25 +244,34 @@ impl Scheduler {
         self.run_ready_until(Duration::MAX);
     }
 
-    /// Like [`Scheduler::run_ready`], but returns once `deadline` has passed between two
-    /// batches, so a steady stream of completions (a thousand coroutines on the database)
-    /// cannot hold up the next frame's timers and events.
+    /// Like [`Scheduler::run_ready`], but returns as soon as `deadline` has passed, even in
+    /// the middle of a resumption cycle (the rest of the cycle goes first next time), so a
+    /// steady stream of completions (a thousand coroutines on the database) cannot hold up the
+    /// next frame's timers and events by more than one resumption.
     fn run_ready_until(&self, deadline: Duration) {
         loop {
-            let ready = std::mem::take(
-                &mut *self
-                    .queue
-                    .ids
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
-            );
-            let deferred: Vec<_> = self.deferred.borrow_mut().drain(..).collect();
-            if ready.is_empty() && deferred.is_empty() {
-                return;
+            if self.cycle.borrow().is_empty() {
+                let woken = std::mem::take(
+                    &mut *self
+                        .queue
+                        .ids
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner()),
+                );
+                if woken.is_empty() && self.deferred.borrow().is_empty() {
+                    return;
+                }
+                self.cycle.borrow_mut().extend(woken);
             }
-            for id in ready {
+            loop {
+                let next = self.cycle.borrow_mut().pop_front();
+                let Some(id) = next else { break };
                 self.poll_task(id);
+                if self.clock.now() >= deadline {
+                    return;
+                }
             }
+            let deferred: Vec<_> = self.deferred.borrow_mut().drain(..).collect();
             for (thread, args) in deferred {
                 if let Err(error) = self.spawn(thread, args) {
                     self.report(None, &error);
@@ -276,6 +288,7 @@ impl Scheduler {
     pub fn step_frame(&self, lua: &Lua) {
         let now = self.clock.now();
         let delta = now.saturating_sub(self.last_frame.replace(now));
+        let woken_before_timers = self.queued_count();
         loop {
             let due = {
                 let mut timers = self.timers.borrow_mut();
@@ -300,6 +313,20 @@ impl Scheduler {
                 None => {}
             }
         }
+        // Threads whose wait ended this frame go before the backlog of the current cycle, so
+        // `task.wait` keeps time however many database answers are queued.
+        let timer_woken = self
+            .queue
+            .ids
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .split_off(woken_before_timers);
+        {
+            let mut cycle = self.cycle.borrow_mut();
+            for id in timer_woken.into_iter().rev() {
+                cycle.push_front(id);
+            }
+        }
         let budget = now + FRAME / 2;
         self.run_ready_until(budget);
         let hooks: Vec<FrameHook> = self.frame_hooks.borrow().clone();
@@ -309,6 +336,15 @@ impl Scheduler {
             }
         }
         self.run_ready_until(budget);
+    }
+
+    /// How many threads were woken since the current resumption cycle was taken.
+    fn queued_count(&self) -> usize {
+        self.queue
+            .ids
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .len()
     }
 
     /// True when no thread is running, parked on a future, deferred or waiting on a live timer.
@@ -350,6 +386,9 @@ impl Scheduler {
             let now = self.clock.now();
             if now >= next_frame {
                 self.step_frame(lua);
+                // A VM busy enough to never wait still gives its runtime a turn each frame:
+                // the I/O and timer drivers of tasks that share this thread run there.
+                tokio::task::yield_now().await;
                 continue;
             }
             tokio::select! {
@@ -417,7 +456,15 @@ impl Scheduler {
             watchdog.enter();
         }
         self.poll_depth.set(depth + 1);
-        let polled = stream.as_mut().poll_next(&mut context);
+        // Tokio's cooperative budget allows a task 128 completed JoinHandles, channels or
+        // timers per runtime turn; past that each reports Pending and its wake-up waits for the
+        // turn to end, which a busy VM reaches only when it idles: under load, threads past the
+        // 128th sat for hundreds of milliseconds. The frame deadline is this scheduler's own
+        // fairness, and `drive` hands the runtime its turn every frame.
+        let polled = std::pin::pin!(tokio::task::coop::unconstrained(std::future::poll_fn(
+            |context| stream.as_mut().poll_next(context)
+        )))
+        .poll(&mut context);
         self.poll_depth.set(depth);
         if let Some(watchdog) = self.watchdog.borrow().as_ref() {
             let timed_out = matches!(&polled, Poll::Ready(Some(Err(error)))

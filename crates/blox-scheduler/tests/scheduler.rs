@@ -286,3 +286,117 @@ fn a_runaway_thread_is_stopped_and_the_rest_goes_on() {
     h.frame_after(1.5);
     assert!(h.global::<bool>("finished"));
 }
+
+/// Registers `waitForValue()`, which parks the calling thread on a fresh oneshot channel, and
+/// returns the senders in the order the threads parked.
+fn park_on_channels(h: &Harness) -> Rc<RefCell<Vec<oneshot::Sender<i64>>>> {
+    let senders: Rc<RefCell<Vec<oneshot::Sender<i64>>>> = Rc::default();
+    let registry = Rc::clone(&senders);
+    let wait_for_value = h
+        .lua
+        .create_async_function(move |_, ()| {
+            let (sender, receiver) = oneshot::channel();
+            registry.borrow_mut().push(sender);
+            async move { Ok(receiver.await.unwrap_or(-1)) }
+        })
+        .unwrap();
+    h.lua.globals().set("waitForValue", wait_for_value).unwrap();
+    senders
+}
+
+#[test]
+fn threads_parked_on_tokio_futures_all_resume_inside_one_runtime_turn() {
+    // Tokio's cooperative budget lets a task complete 128 of its futures per turn; past that,
+    // each poll reports Pending and its wake-up waits for the turn to end. A scheduler bound
+    // by it resumes 128 of these threads and strands the rest. The check runs on a thread of
+    // its own, so a scheduler that spun on them instead fails the test rather than hangs it.
+    const THREADS: i64 = 300;
+    let (done, outcome) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let resumed = runtime.block_on(async {
+            let h = Harness::new();
+            let senders = park_on_channels(&h);
+            h.start(&format!(
+                r#"
+                resumed = 0
+                for _ = 1, {THREADS} do
+                    task.spawn(function()
+                        waitForValue()
+                        resumed += 1
+                    end)
+                end
+                "#
+            ));
+            for sender in senders.borrow_mut().drain(..) {
+                sender.send(1).unwrap();
+            }
+            h.scheduler.run_ready();
+            h.global::<i64>("resumed")
+        });
+        done.send(resumed).unwrap();
+    });
+    let resumed = outcome
+        .recv_timeout(Duration::from_secs(60))
+        .expect("run_ready returned");
+    assert_eq!(resumed, THREADS);
+}
+
+#[test]
+fn threads_woken_by_their_timer_go_before_a_backlog_and_a_frame_stops_at_its_budget() {
+    let h = Harness::new();
+    let senders = park_on_channels(&h);
+    let clock = Rc::clone(&h.clock);
+    let spend = h
+        .lua
+        .create_function(move |_, milliseconds: u64| {
+            clock.advance(Duration::from_millis(milliseconds));
+            Ok(())
+        })
+        .unwrap();
+    h.lua.globals().set("spendMilliseconds", spend).unwrap();
+    h.start(
+        r#"
+        log = {}
+        for i = 1, 100 do
+            task.spawn(function()
+                waitForValue()
+                spendMilliseconds(1)
+                table.insert(log, i)
+            end)
+        end
+        task.spawn(function()
+            task.wait()
+            table.insert(log, "timer")
+        end)
+        "#,
+    );
+    for sender in senders.borrow_mut().drain(..) {
+        sender.send(1).unwrap();
+    }
+    h.frame_after(1.0 / 60.0);
+    let log: Vec<mlua::Value> = h.global("log");
+    assert_eq!(
+        log.first()
+            .and_then(mlua::Value::as_string)
+            .map(|s| s.to_string_lossy()),
+        Some("timer".to_owned()),
+        "the thread whose wait ended resumed first: {log:?}"
+    );
+    assert!(
+        log.len() < 20,
+        "the frame stopped near its 8 ms budget instead of running all 100 one-millisecond \
+         resumptions: {} ran",
+        log.len()
+    );
+    h.scheduler.run_ready();
+    let log: Vec<mlua::Value> = h.global("log");
+    assert_eq!(log.len(), 101, "the rest of the cycle ran afterwards");
+    assert_eq!(
+        log[1].as_integer(),
+        Some(1),
+        "in the order the threads were woken"
+    );
+}
