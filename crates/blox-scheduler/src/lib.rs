@@ -315,12 +315,15 @@ impl Scheduler {
         }
         // Threads whose wait ended this frame go before the backlog of the current cycle, so
         // `task.wait` keeps time however many database answers are queued.
-        let timer_woken = self
-            .queue
-            .ids
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .split_off(woken_before_timers);
+        let timer_woken = {
+            let mut woken = self
+                .queue
+                .ids
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let first_timer_woken = woken_before_timers.min(woken.len());
+            woken.split_off(first_timer_woken)
+        };
         {
             let mut cycle = self.cycle.borrow_mut();
             for id in timer_woken.into_iter().rev() {
