@@ -202,9 +202,9 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "| op | coroutines | Luau ops/s | Luau p50 ms | Luau p99 ms | sqlx ops/s | sqlx p50 ms | sqlx p99 ms | Luau/sqlx | timer lag p99 ms | timer lag max ms | sqlx CPU µs/op | Luau CPU µs/op | VM thread µs/op |"
+        "| op | coroutines | Luau ops/s | Luau p50 ms | Luau p99 ms | sqlx ops/s | sqlx p50 ms | sqlx p99 ms | Luau/sqlx | timer lag p99 ms | timer lag max ms | sqlx CPU µs/op | Luau CPU µs/op | VM thread µs/op | VM thread runs/op |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &op in &args.ops {
         for &concurrency in &args.concurrency {
             let mut luau_runs = Vec::new();
@@ -223,7 +223,7 @@ fn main() -> anyhow::Result<()> {
             let luau_ops = luau.rate * luau_cpu.elapsed.as_secs_f64();
             let sqlx_ops = sqlx.rate * sqlx_cpu.elapsed.as_secs_f64();
             println!(
-                "| {op:?} | {concurrency} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} |",
+                "| {op:?} | {concurrency} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {:.2} |",
                 luau.rate,
                 luau.p50_ms,
                 luau.p99_ms,
@@ -236,6 +236,7 @@ fn main() -> anyhow::Result<()> {
                 sqlx_cpu.process.as_secs_f64() * 1e6 / sqlx_ops,
                 luau_cpu.process.as_secs_f64() * 1e6 / luau_ops,
                 luau_cpu.this_thread.as_secs_f64() * 1e6 / luau_ops,
+                luau_cpu.this_thread_runs as f64 / luau_ops,
             );
         }
     }
@@ -254,16 +255,21 @@ struct CpuUse {
     process: Duration,
     /// CPU time of the calling thread: the VM thread in a Luau measurement.
     this_thread: Duration,
+    /// How many times the calling thread was put on a CPU: once per wake-up from idle, plus
+    /// once per preemption.
+    this_thread_runs: u64,
 }
 
 impl CpuUse {
     fn of<T>(measure: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, CpuUse)> {
-        let (process, this_thread, started) = (process_cpu(), thread_cpu(), Instant::now());
+        let (process, this_thread, started) = (process_cpu(), thread_stats(), Instant::now());
         let outcome = measure()?;
+        let (this_thread_end, process_end) = (thread_stats(), process_cpu());
         let used = CpuUse {
             elapsed: started.elapsed(),
-            process: process_cpu().saturating_sub(process),
-            this_thread: thread_cpu().saturating_sub(this_thread),
+            process: process_end.saturating_sub(process),
+            this_thread: this_thread_end.cpu.saturating_sub(this_thread.cpu),
+            this_thread_runs: this_thread_end.runs.saturating_sub(this_thread.runs),
         };
         Ok((outcome, used))
     }
@@ -275,22 +281,34 @@ fn process_cpu() -> Duration {
         .into_iter()
         .flatten()
         .flatten()
-        .map(|task| scheduled_time(&task.path().join("schedstat")))
+        .map(|task| scheduler_stats(&task.path().join("schedstat")).cpu)
         .sum()
 }
 
-/// CPU time of the calling thread so far.
-fn thread_cpu() -> Duration {
-    scheduled_time(std::path::Path::new("/proc/thread-self/schedstat"))
+/// The calling thread's scheduler statistics so far.
+fn thread_stats() -> SchedulerStats {
+    scheduler_stats(std::path::Path::new("/proc/thread-self/schedstat"))
 }
 
-/// The first field of a `schedstat` file: nanoseconds spent on a CPU; zero where unreadable.
-fn scheduled_time(path: &std::path::Path) -> Duration {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|text| text.split_whitespace().next()?.parse().ok())
-        .map(Duration::from_nanos)
-        .unwrap_or_default()
+/// What a thread's `schedstat` file says; zeros where unreadable.
+#[derive(Debug, Clone, Copy, Default)]
+struct SchedulerStats {
+    /// Time spent on a CPU (the first field).
+    cpu: Duration,
+    /// Times put on a CPU (the third field).
+    runs: u64,
+}
+
+fn scheduler_stats(path: &std::path::Path) -> SchedulerStats {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let fields: Vec<u64> = text
+        .split_whitespace()
+        .map(|field| field.parse().unwrap_or(0))
+        .collect();
+    SchedulerStats {
+        cpu: Duration::from_nanos(fields.first().copied().unwrap_or(0)),
+        runs: fields.get(2).copied().unwrap_or(0),
+    }
 }
 
 /// The run with the median rate.
