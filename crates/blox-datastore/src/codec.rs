@@ -413,7 +413,7 @@ pub(crate) fn write_number(out: &mut String, n: f64) {
     } else if n == 0.0 {
         out.push_str(if n.is_sign_negative() { "-0" } else { "0" });
     } else if n.fract() == 0.0 && n.abs() <= 9_007_199_254_740_992.0 {
-        let _ = write!(out, "{}", n as i64);
+        push_integer(out, n as i64);
     } else {
         // Rust's Debug output is the shortest representation that round-trips, in a form JSON
         // accepts ("0.955", "1e300", "1.5e-7").
@@ -421,21 +421,51 @@ pub(crate) fn write_number(out: &mut String, n: f64) {
     }
 }
 
-fn write_string(out: &mut String, text: &str) {
-    out.push('"');
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
+/// Writes `value` in decimal; the common case of every stored number, so without `fmt`'s
+/// machinery.
+fn push_integer(out: &mut String, value: i64) {
+    let mut digits = [0_u8; 20];
+    let mut start = digits.len();
+    let mut rest = value.unsigned_abs();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
         }
     }
+    if value < 0 {
+        out.push('-');
+    }
+    out.extend(digits[start..].iter().map(|&digit| char::from(digit)));
+}
+
+/// Writes `text` as a JSON string. Only ASCII bytes are ever escaped, so the text between them
+/// is copied as whole runs, which keeps every multi-byte character intact.
+fn write_string(out: &mut String, text: &str) {
+    out.push('"');
+    let mut run_start = 0;
+    for (at, byte) in text.bytes().enumerate() {
+        let short_escape = match byte {
+            b'"' => Some("\\\""),
+            b'\\' => Some("\\\\"),
+            b'\n' => Some("\\n"),
+            b'\r' => Some("\\r"),
+            b'\t' => Some("\\t"),
+            0x00..=0x1f => None,
+            _ => continue,
+        };
+        out.push_str(&text[run_start..at]);
+        match short_escape {
+            Some(escape) => out.push_str(escape),
+            None => {
+                let _ = write!(out, "\\u{byte:04x}");
+            }
+        }
+        run_start = at + 1;
+    }
+    out.push_str(&text[run_start..]);
     out.push('"');
 }
 

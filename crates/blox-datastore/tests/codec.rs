@@ -166,6 +166,27 @@ proptest! {
 }
 
 #[test]
+fn strings_and_integers_are_written_as_json() {
+    let lua = Lua::new();
+    let text = lua
+        .create_string("quote \" backslash \\ newline \n tab \t return \r bell \u{7} é 日")
+        .unwrap();
+    assert_eq!(
+        codec::encode(&lua, &Value::String(text)).unwrap(),
+        r#""quote \" backslash \\ newline \n tab \t return \r bell \u0007 é 日""#
+    );
+    for (n, written) in [
+        (1500.0, "1500"),
+        (-42.0, "-42"),
+        (9_007_199_254_740_992.0, "9007199254740992"),
+        (-9_007_199_254_740_992.0, "-9007199254740992"),
+        (0.955, "0.955"),
+    ] {
+        assert_eq!(codec::encode(&lua, &Value::Number(n)).unwrap(), written);
+    }
+}
+
+#[test]
 fn roblox_rules_for_tables() {
     let lua = Lua::new();
     let encode = |source: &str| codec::encode(&lua, &lua.load(source).eval::<Value>().unwrap());
