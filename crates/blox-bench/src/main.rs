@@ -2,9 +2,9 @@
 //!
 //! For each operation (GetAsync, SetAsync, UpdateAsync, IncrementAsync) and each concurrency,
 //! it runs the calls from that many Luau coroutines through the real engine, then runs the
-//! same SQL statements from as many Tokio tasks with raw sqlx, on connections set up as Blox's
-//! backends set up theirs (SQLite: Blox's own connection sets of four readers and one writer;
-//! PostgreSQL: a pool built by the same function), for the same time. The ratio of the two
+//! same SQL statements from as many Tokio tasks with raw sqlx, on connections set up as
+//! Blox's backends set up theirs (Blox's own connection sets: SQLite's four readers and one
+//! writer, PostgreSQL's one set), for the same time. The ratio of the two
 //! rates is the cost of everything Blox adds (Luau, the codec, validation, the scheduler, the
 //! hop between runtimes). While the Luau load runs, a
 //! Luau thread measures how late `task.wait()` resumes, the timer lag scripts would feel.
@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use blox::Host;
 use blox_datastore::DataStoreContext;
+use blox_datastore::backend::connections::ConnectionSet;
 use blox_datastore::backend::{
     EntryKey, OpenOptions, Statements, StoreKind, Write, postgres, sqlite,
 };
@@ -72,7 +73,7 @@ struct Args {
     /// drift on a shared machine hits both sides alike.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Connections in the PostgreSQL pool (both sides).
+    /// PostgreSQL connections (both sides).
     #[arg(long, default_value_t = 8)]
     postgres_pool_size: u32,
 }
@@ -581,16 +582,21 @@ fn run_layers(
 /// Keys of the store the layers benchmark reads: more than a run reads, so none repeats.
 const LAYER_KEYS: usize = 100_000;
 
-/// Connections set up as Blox's backends set up theirs (SQLite: Blox's own
-/// [`sqlite::ConnectionSet`]s of four readers and one writer), used directly with sqlx.
+/// Connections set up as Blox's backends set up theirs (Blox's own [`ConnectionSet`]s:
+/// SQLite's four readers and one writer, PostgreSQL's one set pinging connections that idled
+/// over a second), used directly with sqlx.
 enum RawConnections {
     Sqlite {
-        readers: sqlite::ConnectionSet,
-        writer: sqlite::ConnectionSet,
+        readers: ConnectionSet<sqlx::SqliteConnection>,
+        writer: ConnectionSet<sqlx::SqliteConnection>,
         /// Fills the stores before a run; never measured.
         seeder: Pool<sqlx::Sqlite>,
     },
-    Postgres(Pool<sqlx::Postgres>),
+    Postgres {
+        connections: ConnectionSet<sqlx::PgConnection>,
+        /// Fills the stores before a run; never measured.
+        seeder: Pool<sqlx::Postgres>,
+    },
 }
 
 impl RawConnections {
@@ -604,18 +610,29 @@ impl RawConnections {
                 .busy_timeout(Duration::from_secs(10));
             let timeout = Duration::from_secs(10);
             Ok(RawConnections::Sqlite {
-                readers: sqlite::ConnectionSet::connect(&connect, 4, timeout).await?,
-                writer: sqlite::ConnectionSet::connect(&connect, 1, timeout).await?,
+                readers: ConnectionSet::connect(connect.clone(), 4, timeout, None).await?,
+                writer: ConnectionSet::connect(connect.clone(), 1, timeout, None).await?,
                 seeder: sqlx::sqlite::SqlitePoolOptions::new()
                     .max_connections(1)
                     .connect_with(connect)
                     .await?,
             })
         } else {
-            let pool = postgres::pool_options(pool_size, Duration::from_secs(10))
-                .connect(url)
-                .await?;
-            Ok(RawConnections::Postgres(pool))
+            let connect = sqlx::postgres::PgConnectOptions::from_str(url)?;
+            let timeout = Duration::from_secs(10);
+            Ok(RawConnections::Postgres {
+                connections: ConnectionSet::connect(
+                    connect.clone(),
+                    pool_size as usize,
+                    timeout,
+                    Some(postgres::PING_AFTER_IDLE),
+                )
+                .await?,
+                seeder: sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect_with(connect)
+                    .await?,
+            })
         }
     }
 
@@ -627,7 +644,7 @@ impl RawConnections {
         for seed in &listing_seeds(size) {
             match self {
                 RawConnections::Sqlite { seeder, .. } => seed_rows(seeder, seed, size).await?,
-                RawConnections::Postgres(pool) => seed_rows(pool, seed, size).await?,
+                RawConnections::Postgres { seeder, .. } => seed_rows(seeder, seed, size).await?,
             }
         }
         Ok(())
@@ -642,7 +659,7 @@ impl RawConnections {
         };
         match self {
             RawConnections::Sqlite { seeder, .. } => seed_rows(seeder, &seed, LAYER_KEYS).await,
-            RawConnections::Postgres(pool) => seed_rows(pool, &seed, LAYER_KEYS).await,
+            RawConnections::Postgres { seeder, .. } => seed_rows(seeder, &seed, LAYER_KEYS).await,
         }
     }
 
@@ -651,7 +668,7 @@ impl RawConnections {
             RawConnections::Sqlite {
                 readers, writer, ..
             } => {
-                measure(
+                measure::<sqlx::Sqlite>(
                     op,
                     concurrency,
                     seconds,
@@ -661,49 +678,31 @@ impl RawConnections {
                 )
                 .await
             }
-            RawConnections::Postgres(pool) => {
-                measure(op, concurrency, seconds, pool, pool, &postgres::STATEMENTS).await
+            RawConnections::Postgres { connections, .. } => {
+                measure::<sqlx::Postgres>(
+                    op,
+                    concurrency,
+                    seconds,
+                    connections,
+                    connections,
+                    &postgres::STATEMENTS,
+                )
+                .await
             }
         }
     }
 }
 
-/// Where the raw side's reads or writes go, handed out as the backend hands out its own.
-trait Connections<DB: Database>: Clone + Send + Sync + 'static {
-    type Guard<'a>: std::ops::DerefMut<Target = DB::Connection> + Send
-    where
-        Self: 'a;
-
-    fn connection(&self) -> impl Future<Output = Result<Self::Guard<'_>, sqlx::Error>> + Send;
-}
-
-impl Connections<sqlx::Sqlite> for sqlite::ConnectionSet {
-    type Guard<'a> = sqlite::Lease<'a>;
-
-    fn connection(&self) -> impl Future<Output = Result<Self::Guard<'_>, sqlx::Error>> + Send {
-        self.acquire()
-    }
-}
-
-impl Connections<sqlx::Postgres> for Pool<sqlx::Postgres> {
-    type Guard<'a> = sqlx::pool::PoolConnection<sqlx::Postgres>;
-
-    fn connection(&self) -> impl Future<Output = Result<Self::Guard<'_>, sqlx::Error>> + Send {
-        self.acquire()
-    }
-}
-
-async fn measure<DB, C>(
+async fn measure<DB>(
     op: Op,
     concurrency: usize,
     seconds: f64,
-    readers: &C,
-    writer: &C,
+    readers: &ConnectionSet<DB::Connection>,
+    writer: &ConnectionSet<DB::Connection>,
     statements: &'static Statements,
 ) -> anyhow::Result<Stats>
 where
     DB: Database,
-    C: Connections<DB>,
     for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
     for<'q> <DB as Database>::Arguments: sqlx::IntoArguments<DB>,
     i64: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB> + for<'r> sqlx::Decode<'r, DB>,
@@ -728,9 +727,10 @@ where
                     let t0 = Instant::now();
                     match op {
                         Op::Get => {
-                            read(&readers, statements, &key).await?;
+                            read::<DB>(&readers, statements, &key).await?;
                         }
                         Op::Set => {
+                            let mut connection = writer.acquire().await?;
                             let row = bind_key(sqlx::query::<DB>(statements.write), &key)
                                 .bind(PLAYER.to_owned())
                                 .bind("[]".to_owned())
@@ -738,18 +738,20 @@ where
                                 .bind(0_i64)
                                 .bind(false)
                                 .bind(false)
-                                .fetch_one(&mut *writer.connection().await?)
-                                .await?;
+                                .fetch_one(&mut *connection)
+                                .await;
+                            let row = connection.checked(row)?;
                             let _: i64 = sqlx::Row::try_get(&row, 0)?;
                         }
                         Op::Update | Op::Increment => loop {
                             let name = if op == Op::Update { &key } else { &counter };
-                            let (value, seq) = read(&readers, statements, name).await?;
+                            let (value, seq) = read::<DB>(&readers, statements, name).await?;
                             let value = if op == Op::Update {
                                 value
                             } else {
                                 (value.parse::<i64>()? + 1).to_string()
                             };
+                            let mut connection = writer.acquire().await?;
                             let done = bind_key(sqlx::query::<DB>(statements.update_if_seq), name)
                                 .bind(value)
                                 .bind("[]".to_owned())
@@ -760,9 +762,9 @@ where
                                 .bind(0_i64)
                                 .bind(false)
                                 .bind(false)
-                                .execute(&mut *writer.connection().await?)
-                                .await?;
-                            if done.rows() == 1 {
+                                .execute(&mut *connection)
+                                .await;
+                            if connection.checked(done)?.rows() == 1 {
                                 break;
                             }
                         },
@@ -925,7 +927,7 @@ where
 }
 
 async fn read<DB>(
-    readers: &impl Connections<DB>,
+    readers: &ConnectionSet<DB::Connection>,
     statements: &Statements,
     key: &str,
 ) -> anyhow::Result<(String, i64)>
@@ -938,8 +940,10 @@ where
     String: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB> + for<'r> sqlx::Decode<'r, DB>,
     usize: sqlx::ColumnIndex<DB::Row>,
 {
+    let mut connection = readers.acquire().await?;
     let row = bind_key(sqlx::query::<DB>(statements.read), key)
-        .fetch_one(&mut *readers.connection().await?)
-        .await?;
+        .fetch_one(&mut *connection)
+        .await;
+    let row = connection.checked(row)?;
     Ok((sqlx::Row::try_get(&row, 0)?, sqlx::Row::try_get(&row, 3)?))
 }

@@ -735,3 +735,38 @@ async fn postgres_requests_after_the_server_dropped_every_connection_succeed() {
     }
     backend.write(&key("after"), &write("2", 2)).await.unwrap();
 }
+
+/// A connection that breaks while in use is closed, not handed out again: after the server
+/// drops every connection, each of them fails at most the one request that found it broken,
+/// and the requests after that reconnect and succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connections_that_broke_in_use_are_replaced_at_once() {
+    let scratch = Scratch::new(TestDatabase::Postgres, "broken_connections");
+    let application = format!("blox_broken_{}", std::process::id());
+    let url = format!("{}&application_name={application}", scratch.url);
+    let options = OpenOptions::default();
+    let backend = backend::open(&url, &options).await.unwrap();
+    backend.write(&key("k"), &write("1", 1)).await.unwrap();
+    blox_testkit::psql(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = '{application}'"
+    ));
+    let attempts = options.postgres_pool_size as usize + 1;
+    let mut failures = 0;
+    for _ in 0..attempts {
+        if backend.read(&key("k")).await.is_err() {
+            failures += 1;
+        }
+    }
+    assert!(
+        failures < attempts,
+        "a request succeeded within {attempts} attempts ({failures} failed)"
+    );
+    for i in 0..20 {
+        let entry = backend.read(&key("k")).await;
+        assert!(
+            matches!(entry, Ok(Some(_))),
+            "read {i} after the reconnect: {entry:?}"
+        );
+    }
+}

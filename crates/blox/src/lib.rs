@@ -2,7 +2,7 @@
 //!
 //! Two runtimes, on purpose. The Luau VM is single-threaded, so it runs on the calling thread
 //! under a Tokio current-thread runtime. Database work runs on a separate multi-thread runtime
-//! that owns the sqlx pools: measured here, spawning the query there instead of polling it on
+//! that owns the database connections: measured here, spawning the query there instead of polling it on
 //! the VM thread doubles PostgreSQL throughput from Luau, and the VM never blocks on I/O.
 
 use std::future::Future;
@@ -115,7 +115,7 @@ impl Host {
         &self.backend
     }
 
-    /// The database runtime, for work that must run beside the pools.
+    /// The database runtime, for work that must run beside the database connections.
     pub fn database_runtime(&self) -> &tokio::runtime::Runtime {
         &self.database
     }

@@ -55,7 +55,7 @@ struct ServerArgs {
     /// SQLite durability: `normal` survives a crash, `full` also a power loss.
     #[arg(long, env = "BLOX_SQLITE_SYNC", default_value = "normal")]
     sqlite_sync: SqliteSync,
-    /// Connections in the PostgreSQL pool.
+    /// PostgreSQL connections per server.
     #[arg(long, env = "BLOX_POSTGRES_POOL_SIZE", default_value_t = 8)]
     postgres_pool_size: u32,
     /// Keep every superseded DataStore version for 30 days, not only Roblox's hourly backups.

@@ -12,6 +12,7 @@
 //! many servers). sqlx's `AnyPool` is not used: it has no common ground for the two dialects'
 //! upserts and types. One conformance suite (`tests/conformance.rs`) runs against both.
 
+pub mod connections;
 pub mod postgres;
 pub mod sqlite;
 
@@ -387,7 +388,7 @@ pub const RETENTION_MS: i64 = 30 * 24 * 60 * 60 * 1000;
 /// How to open a backend.
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
-    /// Connections in the PostgreSQL pool; size it to the machine, not to the coroutines.
+    /// PostgreSQL connections per server; size it to the machine, not to the coroutines.
     pub postgres_pool_size: u32,
     /// A PostgreSQL schema to create and use instead of the default search path.
     pub postgres_schema: Option<String>,
@@ -662,7 +663,9 @@ macro_rules! sql_backend {
                 key: &$crate::backend::EntryKey,
             ) -> Result<Option<$crate::backend::Entry>, $crate::backend::BackendError> {
                 let query = $crate::backend::bind_key(sqlx::query::<$db>($statements.read), key);
-                let row = query.fetch_optional(&mut *self.$read().await?).await?;
+                let mut connection = self.$read().await?;
+                let done = query.fetch_optional(&mut *connection).await;
+                let row = connection.checked(done)?;
                 Ok(row
                     .as_ref()
                     .map($crate::backend::entry_from_row)
@@ -675,12 +678,14 @@ macro_rules! sql_backend {
                 write: &$crate::backend::Write,
             ) -> Result<$crate::backend::Version, $crate::backend::BackendError> {
                 let query = $crate::backend::bind_key(sqlx::query::<$db>($statements.write), key);
-                let row = $crate::backend::bind_payload(query, write)
+                let mut connection = self.$write().await?;
+                let done = $crate::backend::bind_payload(query, write)
                     .bind(write.now_ms)
                     .bind(write.deleted)
                     .bind(self.keep_all_versions)
-                    .fetch_one(&mut *self.$write().await?)
-                    .await?;
+                    .fetch_one(&mut *connection)
+                    .await;
+                let row = connection.checked(done)?;
                 Ok($crate::backend::version_from_row(&row)?)
             }
 
@@ -700,13 +705,15 @@ macro_rules! sql_backend {
                 if let Some(version) = expected {
                     query = query.bind(version.seq).bind(seq);
                 }
+                let mut connection = self.$write().await?;
                 let done = query
                     .bind(created_ms)
                     .bind(write.now_ms)
                     .bind(write.deleted)
                     .bind(self.keep_all_versions)
-                    .execute(&mut *self.$write().await?)
-                    .await?;
+                    .execute(&mut *connection)
+                    .await;
+                let done = connection.checked(done)?;
                 Ok(
                     (done.rows_affected() == 1).then_some($crate::backend::Version {
                         seq,
@@ -721,17 +728,18 @@ macro_rules! sql_backend {
                 listing: &$crate::backend::KeyListing,
             ) -> Result<Vec<(String, String)>, $crate::backend::BackendError> {
                 let mut connection = self.$read().await?;
-                Ok(
+                let done =
                     $crate::backend::list_keys_with::<$db>(&mut *connection, &$statements, listing)
-                        .await?,
-                )
+                        .await;
+                Ok(connection.checked(done)?)
             }
 
             async fn list_stores(
                 &self,
                 listing: &$crate::backend::StoreListing,
             ) -> Result<Vec<$crate::backend::StoreSummary>, $crate::backend::BackendError> {
-                let rows = sqlx::query::<$db>($statements.list_stores)
+                let mut connection = self.$read().await?;
+                let done = sqlx::query::<$db>($statements.list_stores)
                     .bind(listing.universe)
                     .bind(listing.kind as i16)
                     .bind(listing.name_from.clone())
@@ -743,8 +751,9 @@ macro_rules! sql_backend {
                     )
                     .bind(listing.after.clone())
                     .bind(listing.limit)
-                    .fetch_all(&mut *self.$read().await?)
-                    .await?;
+                    .fetch_all(&mut *connection)
+                    .await;
+                let rows = connection.checked(done)?;
                 let stores: Result<Vec<_>, sqlx::Error> = rows
                     .iter()
                     .map(|row| {
@@ -808,14 +817,16 @@ macro_rules! sql_backend {
                 } else {
                     $statements.list_versions_ascending
                 };
-                let rows = $crate::backend::bind_key(sqlx::query::<$db>(statement), &listing.key)
+                let mut connection = self.$read().await?;
+                let done = $crate::backend::bind_key(sqlx::query::<$db>(statement), &listing.key)
                     .bind(above)
                     .bind(below)
                     .bind(listing.min_ms)
                     .bind(listing.max_ms)
                     .bind(listing.limit)
-                    .fetch_all(&mut *self.$read().await?)
-                    .await?;
+                    .fetch_all(&mut *connection)
+                    .await;
+                let rows = connection.checked(done)?;
                 let retained: Result<Vec<_>, sqlx::Error> = rows
                     .iter()
                     .map(|row| {
@@ -834,10 +845,12 @@ macro_rules! sql_backend {
                 seq: i64,
             ) -> Result<(), $crate::backend::BackendError> {
                 for statement in [$statements.remove_version, $statements.erase_latest_version] {
-                    $crate::backend::bind_key(sqlx::query::<$db>(statement), key)
+                    let mut connection = self.$write().await?;
+                    let done = $crate::backend::bind_key(sqlx::query::<$db>(statement), key)
                         .bind(seq)
-                        .execute(&mut *self.$write().await?)
-                        .await?;
+                        .execute(&mut *connection)
+                        .await;
+                    connection.checked(done)?;
                 }
                 Ok(())
             }
@@ -847,7 +860,9 @@ macro_rules! sql_backend {
                 key: &$crate::backend::EntryKey,
             ) -> Result<Option<$crate::backend::Entry>, $crate::backend::BackendError> {
                 let query = $crate::backend::bind_key(sqlx::query::<$db>($statements.delete), key);
-                let row = query.fetch_optional(&mut *self.$write().await?).await?;
+                let mut connection = self.$write().await?;
+                let done = query.fetch_optional(&mut *connection).await;
+                let row = connection.checked(done)?;
                 Ok(row
                     .as_ref()
                     .map($crate::backend::entry_from_row)
@@ -873,7 +888,8 @@ macro_rules! sql_backend {
                     )
                 };
                 let (after_value, after_key) = listing.after.clone().unwrap_or(start);
-                let rows = sqlx::query::<$db>(statement)
+                let mut connection = self.$read().await?;
+                let done = sqlx::query::<$db>(statement)
                     .bind(listing.universe)
                     .bind(listing.store.clone())
                     .bind(listing.scope.clone())
@@ -882,8 +898,9 @@ macro_rules! sql_backend {
                     .bind(after_value)
                     .bind(after_key)
                     .bind(listing.limit)
-                    .fetch_all(&mut *self.$read().await?)
-                    .await?;
+                    .fetch_all(&mut *connection)
+                    .await;
+                let rows = connection.checked(done)?;
                 let entries: Result<Vec<_>, sqlx::Error> = rows
                     .iter()
                     .map(|row| Ok((sqlx::Row::try_get(row, 0)?, sqlx::Row::try_get(row, 1)?)))
@@ -892,14 +909,17 @@ macro_rules! sql_backend {
             }
 
             async fn purge(&self, now_ms: i64) -> Result<u64, $crate::backend::BackendError> {
-                let versions = sqlx::query::<$db>($statements.purge_versions)
+                let mut connection = self.$write().await?;
+                let done = sqlx::query::<$db>($statements.purge_versions)
                     .bind(now_ms)
-                    .execute(&mut *self.$write().await?)
-                    .await?;
-                let tombstones = sqlx::query::<$db>($statements.purge_tombstones)
+                    .execute(&mut *connection)
+                    .await;
+                let versions = connection.checked(done)?;
+                let done = sqlx::query::<$db>($statements.purge_tombstones)
                     .bind(now_ms - $crate::backend::RETENTION_MS)
-                    .execute(&mut *self.$write().await?)
-                    .await?;
+                    .execute(&mut *connection)
+                    .await;
+                let tombstones = connection.checked(done)?;
                 Ok(versions.rows_affected() + tombstones.rows_affected())
             }
         }
@@ -919,10 +939,12 @@ macro_rules! sql_backend {
                     return Ok(Some(entry));
                 }
                 let query = sqlx::query::<$db>(statement);
-                let row = $crate::backend::bind_key(query, key)
+                let mut connection = self.$read().await?;
+                let done = $crate::backend::bind_key(query, key)
                     .bind(argument)
-                    .fetch_optional(&mut *self.$read().await?)
-                    .await?;
+                    .fetch_optional(&mut *connection)
+                    .await;
+                let row = connection.checked(done)?;
                 Ok(row
                     .as_ref()
                     .map($crate::backend::entry_from_row)

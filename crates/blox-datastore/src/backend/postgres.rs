@@ -1,16 +1,17 @@
 //! The PostgreSQL backend: the production store, shared by every server of a game.
 //!
-//! One pool sized to the machine (measured on 2 cores: 4 to 8 connections serve 64 concurrent
-//! clients faster than 64 connections would). Servers racing on one key are serialized by the
+//! One [`ConnectionSet`] sized to the machine (measured on 2 cores: 4 to 8 connections serve
+//! 64 concurrent clients faster than 64 connections would). Servers racing on one key are serialized by the
 //! compare-and-set statements, never by locks held across a round trip. Migrations take sqlx's
 //! advisory lock, so servers that start together apply them once.
 
 use std::str::FromStr as _;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
 use sqlx::{ConnectOptions as _, Connection as _};
 
+use super::connections::{ConnectionSet, Lease};
 use super::{BackendError, OpenOptions, Statements, sql_backend};
 
 /// The statements of the PostgreSQL dialect.
@@ -94,35 +95,15 @@ pub const STATEMENTS: Statements = Statements {
 /// Entries in a PostgreSQL database.
 #[derive(Debug, Clone)]
 pub struct PostgresBackend {
-    pool: PgPool,
+    connections: ConnectionSet<PgConnection>,
     /// Every write asks to keep the version it supersedes ([`OpenOptions::keep_all_versions`]).
     keep_all_versions: bool,
 }
 
-/// A connection idle for longer than this is pinged before it is handed out.
-const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
-
-/// How Blox's PostgreSQL pool is set up: `size` connections, `timeout` to get one.
-///
-/// sqlx pings every connection before handing it out by default, a server round trip per
-/// statement on top of the one it makes when a connection comes back. Blox pings only a
-/// connection that sat idle for over a second: under load connections never idle that long,
-/// while after a server restart the idle ones, broken by it, are still found and replaced
-/// before any request uses them.
-pub fn pool_options(size: u32, timeout: Duration) -> PgPoolOptions {
-    PgPoolOptions::new()
-        .max_connections(size)
-        .acquire_timeout(timeout)
-        .test_before_acquire(false)
-        .before_acquire(|connection, metadata| {
-            Box::pin(async move {
-                if metadata.idle_for > PING_AFTER_IDLE {
-                    connection.ping().await?;
-                }
-                Ok(true)
-            })
-        })
-}
+/// A connection idle for longer than this is pinged before it is handed out: under load no
+/// connection idles that long, while after a server restart the idle ones, broken by it, are
+/// found and replaced before any request uses them.
+pub const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
 
 impl PostgresBackend {
     /// Connects to `url` and migrates the database (or `options.postgres_schema`).
@@ -133,7 +114,7 @@ impl PostgresBackend {
                 reason: error.to_string(),
             })?;
         // One direct connection first: it reports why a server is unreachable at once, where
-        // the pool would retry until its timeout and report only that.
+        // a pool would retry until its timeout and report only that.
         let mut admin = tokio::time::timeout(options.timeout, connect.connect())
             .await
             .map_err(|_| sqlx::Error::PoolTimedOut)??;
@@ -148,19 +129,34 @@ impl PostgresBackend {
             connect = connect.options([("search_path", schema.as_str())]);
         }
         admin.close().await?;
-        let pool = pool_options(options.postgres_pool_size, options.timeout)
-            .connect_with(connect)
+        // Migrations run through a pool of their own, closed at once: sqlx's migrator takes a
+        // pool readily, while a borrowed connection makes `open`'s future unprovably `Send`.
+        // They take sqlx's advisory lock, so servers that start together apply them once.
+        let migrations = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(options.timeout)
+            .connect_with(connect.clone())
             .await?;
-        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        sqlx::migrate!("./migrations/postgres")
+            .run(&migrations)
+            .await?;
+        migrations.close().await;
+        let connections = ConnectionSet::connect(
+            connect,
+            options.postgres_pool_size as usize,
+            options.timeout,
+            Some(PING_AFTER_IDLE),
+        )
+        .await?;
         Ok(Self {
-            pool,
+            connections,
             keep_all_versions: options.keep_all_versions,
         })
     }
 
-    /// A connection for reads and writes alike: one pool serves both.
-    async fn connection(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error> {
-        self.pool.acquire().await
+    /// A connection for reads and writes alike: one set serves both.
+    async fn connection(&self) -> Result<Lease<'_, PgConnection>, sqlx::Error> {
+        self.connections.acquire().await
     }
 }
 

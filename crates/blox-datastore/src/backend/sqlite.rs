@@ -11,15 +11,12 @@
 
 use std::path::Path;
 use std::str::FromStr as _;
-use std::sync::Arc;
-use std::time::Duration;
 
-use sqlx::Connection as _;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
 };
-use tokio::sync::{Semaphore, SemaphorePermit};
 
+use super::connections::{ConnectionSet, Lease};
 use super::{BackendError, OpenOptions, Statements, sql_backend};
 
 /// Reading connections per server: enough for the two cores of a small machine to keep busy.
@@ -131,113 +128,11 @@ pub const STATEMENTS: Statements = Statements {
             GROUP BY store_name ORDER BY store_name LIMIT ?6",
 };
 
-/// A fixed set of connections to one file, each statement borrowing an idle one: the backend's
-/// single writer is a set of one, its readers a set of four.
-///
-/// Not a sqlx pool: sqlx pings every connection that comes back to a pool (and by default each
-/// one it hands out), a round trip to the connection's worker thread. An embedded database
-/// cannot drop a connection, so the ping checks nothing, and with one writer the return ping
-/// sat on the path every queued write waits on (BENCHMARKS.md, session 4).
-#[derive(Debug, Clone)]
-pub struct ConnectionSet {
-    shared: Arc<Shared>,
-}
-
-#[derive(Debug)]
-struct Shared {
-    idle: std::sync::Mutex<Vec<SqliteConnection>>,
-    /// One permit per idle connection; waiters are served in order.
-    available: Semaphore,
-    /// How long a statement waits for a connection before failing, as a pool's acquire
-    /// timeout.
-    timeout: Duration,
-}
-
-/// A connection borrowed from a [`ConnectionSet`], back in the set when dropped.
-pub struct Lease<'a> {
-    connection: Option<SqliteConnection>,
-    set: &'a Shared,
-    _permit: SemaphorePermit<'a>,
-}
-
-impl ConnectionSet {
-    /// Opens `count` connections.
-    pub async fn connect(
-        options: &SqliteConnectOptions,
-        count: usize,
-        timeout: Duration,
-    ) -> Result<Self, sqlx::Error> {
-        let mut idle = Vec::with_capacity(count);
-        for _ in 0..count {
-            idle.push(SqliteConnection::connect_with(options).await?);
-        }
-        Ok(Self {
-            shared: Arc::new(Shared {
-                idle: std::sync::Mutex::new(idle),
-                available: Semaphore::new(count),
-                timeout,
-            }),
-        })
-    }
-
-    /// An idle connection, waiting for one to come back when all are busy.
-    pub async fn acquire(&self) -> Result<Lease<'_>, sqlx::Error> {
-        let set = &*self.shared;
-        let permit = tokio::time::timeout(set.timeout, set.available.acquire())
-            .await
-            .map_err(|_| sqlx::Error::PoolTimedOut)?
-            .map_err(|_| sqlx::Error::PoolClosed)?;
-        let connection = set
-            .idle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .pop()
-            .ok_or(sqlx::Error::PoolClosed)?;
-        Ok(Lease {
-            connection: Some(connection),
-            set,
-            _permit: permit,
-        })
-    }
-}
-
-impl std::ops::Deref for Lease<'_> {
-    type Target = SqliteConnection;
-
-    fn deref(&self) -> &SqliteConnection {
-        self.connection
-            .as_ref()
-            .expect("a lease holds its connection until dropped")
-    }
-}
-
-impl std::ops::DerefMut for Lease<'_> {
-    fn deref_mut(&mut self) -> &mut SqliteConnection {
-        self.connection
-            .as_mut()
-            .expect("a lease holds its connection until dropped")
-    }
-}
-
-impl Drop for Lease<'_> {
-    fn drop(&mut self) {
-        // The permit is a field, released after this body: the connection is idle again
-        // before anyone may take it.
-        if let Some(connection) = self.connection.take() {
-            self.set
-                .idle
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .push(connection);
-        }
-    }
-}
-
 /// Entries in a SQLite file.
 #[derive(Debug, Clone)]
 pub struct SqliteBackend {
-    readers: ConnectionSet,
-    writer: ConnectionSet,
+    readers: ConnectionSet<SqliteConnection>,
+    writer: ConnectionSet<SqliteConnection>,
     /// Every write asks to keep the version it supersedes ([`OpenOptions::keep_all_versions`]).
     keep_all_versions: bool,
 }
@@ -290,8 +185,9 @@ impl SqliteBackend {
             .run(&migrations)
             .await?;
         migrations.close().await;
-        let writer = ConnectionSet::connect(&connect, 1, options.timeout).await?;
-        let readers = ConnectionSet::connect(&connect, READERS, options.timeout).await?;
+        // An embedded database cannot drop a connection: nothing to ping.
+        let writer = ConnectionSet::connect(connect.clone(), 1, options.timeout, None).await?;
+        let readers = ConnectionSet::connect(connect, READERS, options.timeout, None).await?;
         drop(lock);
         Ok(Self {
             readers,
@@ -300,11 +196,11 @@ impl SqliteBackend {
         })
     }
 
-    async fn read_connection(&self) -> Result<Lease<'_>, sqlx::Error> {
+    async fn read_connection(&self) -> Result<Lease<'_, SqliteConnection>, sqlx::Error> {
         self.readers.acquire().await
     }
 
-    async fn write_connection(&self) -> Result<Lease<'_>, sqlx::Error> {
+    async fn write_connection(&self) -> Result<Lease<'_, SqliteConnection>, sqlx::Error> {
         self.writer.acquire().await
     }
 }
@@ -316,55 +212,3 @@ sql_backend!(
     read_connection = read_connection,
     write_connection = write_connection
 );
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Options that create a database file in a fresh folder, removed with the folder.
-    fn scratch() -> (tempfile::TempDir, SqliteConnectOptions) {
-        let folder = tempfile::tempdir().unwrap();
-        let options = SqliteConnectOptions::new()
-            .filename(folder.path().join("test.sqlite3"))
-            .create_if_missing(true);
-        (folder, options)
-    }
-
-    #[tokio::test]
-    async fn a_write_waiting_longer_than_the_timeout_fails_as_a_pool_timeout_would() {
-        let (_folder, options) = scratch();
-        let writer = ConnectionSet::connect(&options, 1, Duration::from_millis(50))
-            .await
-            .unwrap();
-        let held = writer.acquire().await.unwrap();
-        assert!(matches!(
-            writer.acquire().await,
-            Err(sqlx::Error::PoolTimedOut)
-        ));
-        drop(held);
-        assert!(writer.acquire().await.is_ok(), "free again once released");
-    }
-
-    #[tokio::test]
-    async fn readers_hand_out_each_connection_once_and_take_it_back_when_dropped() {
-        let (_folder, options) = scratch();
-        let readers = ConnectionSet::connect(&options, 2, Duration::from_millis(50))
-            .await
-            .unwrap();
-        let mut first = readers.acquire().await.unwrap();
-        let second = readers.acquire().await.unwrap();
-        assert!(
-            matches!(readers.acquire().await, Err(sqlx::Error::PoolTimedOut)),
-            "both connections are out"
-        );
-        let one: i64 = sqlx::query_scalar("SELECT 1")
-            .fetch_one(&mut *first)
-            .await
-            .unwrap();
-        assert_eq!(one, 1);
-        drop(first);
-        let mut again = readers.acquire().await.unwrap();
-        sqlx::query("SELECT 1").execute(&mut *again).await.unwrap();
-        drop((again, second));
-    }
-}

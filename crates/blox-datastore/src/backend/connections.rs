@@ -1,0 +1,287 @@
+//! A fixed set of database connections that statements borrow one at a time: both backends
+//! hand out their connections from these, SQLite as one writer and four readers, PostgreSQL
+//! as one set sized to the machine.
+//!
+//! Not sqlx's pool: it pings every connection that comes back to it, unconditionally, and by
+//! default every one it hands out. For SQLite a ping is a round trip to the connection's
+//! worker thread; for PostgreSQL a round trip to the server, as costly as the point read it
+//! follows (measured: raw reads through the pool at about half the rate of reads through
+//! connections held directly, BENCHMARKS.md session 5). Instead, a connection proves itself by
+//! the statement it ran: the backend passes each statement's result through
+//! [`Lease::checked`], and a connection that was used and did not end on a success (an error,
+//! or a statement abandoned halfway) is closed instead of going back; the next borrower of its
+//! slot opens a fresh one. A connection that sat idle longer than the set's ping interval is
+//! pinged before it is handed out, so the ones a database restart broke while idle are
+//! replaced before any request uses them.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sqlx::{ConnectOptions as _, Connection};
+use tokio::sync::{Semaphore, SemaphorePermit};
+
+/// A fixed number of connections made from one set of options.
+#[derive(Debug)]
+pub struct ConnectionSet<C: Connection> {
+    shared: Arc<Shared<C>>,
+}
+
+impl<C: Connection> Clone for ConnectionSet<C> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Shared<C: Connection> {
+    options: C::Options,
+    /// Idle connections with the time each came back. Fewer than the permits while a slot
+    /// whose connection was closed waits for its next borrower to reconnect.
+    idle: Mutex<Vec<(C, Instant)>>,
+    /// One permit per slot; waiters are served in order.
+    available: Semaphore,
+    /// How long a statement waits for a connection before failing, as a pool's acquire
+    /// timeout; also the limit on opening a replacement.
+    timeout: Duration,
+    /// A connection idle for longer than this is pinged before it is handed out; `None` for a
+    /// database that cannot drop a connection (an embedded one).
+    ping_after_idle: Option<Duration>,
+}
+
+/// A connection borrowed from a [`ConnectionSet`], back in the set when dropped if its last
+/// use succeeded.
+#[derive(Debug)]
+pub struct Lease<'a, C: Connection> {
+    connection: Option<C>,
+    /// False from the moment the connection is borrowed mutably (a statement starts) until
+    /// [`Lease::checked`] sees that statement succeed.
+    clean: bool,
+    set: &'a Shared<C>,
+    _permit: SemaphorePermit<'a>,
+}
+
+impl<C: Connection> ConnectionSet<C> {
+    /// Opens `count` connections with `options`.
+    pub async fn connect(
+        options: C::Options,
+        count: usize,
+        timeout: Duration,
+        ping_after_idle: Option<Duration>,
+    ) -> Result<Self, sqlx::Error> {
+        let mut idle = Vec::with_capacity(count);
+        for _ in 0..count {
+            idle.push((options.connect().await?, Instant::now()));
+        }
+        Ok(Self {
+            shared: Arc::new(Shared {
+                options,
+                idle: Mutex::new(idle),
+                available: Semaphore::new(count),
+                timeout,
+                ping_after_idle,
+            }),
+        })
+    }
+
+    /// A working connection, waiting for one to come back when all are out: an idle one
+    /// (pinged first if it idled too long, replaced if the ping fails) or, for a slot whose
+    /// connection was closed, a new one.
+    pub async fn acquire(&self) -> Result<Lease<'_, C>, sqlx::Error> {
+        let set = &*self.shared;
+        let permit = tokio::time::timeout(set.timeout, set.available.acquire())
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)?
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        let idle = set
+            .idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .pop();
+        let connection = match idle {
+            Some((mut connection, since)) => {
+                let stale = set
+                    .ping_after_idle
+                    .is_some_and(|limit| since.elapsed() > limit);
+                if stale && connection.ping().await.is_err() {
+                    set.open().await?
+                } else {
+                    connection
+                }
+            }
+            None => set.open().await?,
+        };
+        Ok(Lease {
+            connection: Some(connection),
+            clean: true,
+            set,
+            _permit: permit,
+        })
+    }
+}
+
+impl<C: Connection> Shared<C> {
+    /// A new connection for a slot whose connection was closed.
+    async fn open(&self) -> Result<C, sqlx::Error> {
+        tokio::time::timeout(self.timeout, self.options.connect())
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)?
+    }
+}
+
+impl<C: Connection> Lease<'_, C> {
+    /// Passes a statement's `result` through, noting whether the connection is fit to go
+    /// back to the set: after an error it is closed instead, whatever the error was (a broken
+    /// connection and a refused statement look alike from here, and reconnecting is cheap
+    /// next to a failed request).
+    pub fn checked<T>(&mut self, result: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
+        self.clean = result.is_ok();
+        result
+    }
+}
+
+impl<C: Connection> std::ops::Deref for Lease<'_, C> {
+    type Target = C;
+
+    fn deref(&self) -> &C {
+        self.connection
+            .as_ref()
+            .expect("a lease holds its connection until dropped")
+    }
+}
+
+impl<C: Connection> std::ops::DerefMut for Lease<'_, C> {
+    fn deref_mut(&mut self) -> &mut C {
+        self.clean = false;
+        self.connection
+            .as_mut()
+            .expect("a lease holds its connection until dropped")
+    }
+}
+
+impl<C: Connection> Drop for Lease<'_, C> {
+    fn drop(&mut self) {
+        // The permit is a field, released after this body: the connection is idle again (or
+        // its slot free to reconnect) before anyone may take it.
+        if let Some(connection) = self.connection.take()
+            && self.clean
+        {
+            self.set
+                .idle
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .push((connection, Instant::now()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::SqliteConnection;
+    use sqlx::sqlite::SqliteConnectOptions;
+
+    use super::*;
+
+    /// A set of `count` connections to a database file in a fresh folder, removed with it.
+    async fn scratch_set(count: usize) -> (tempfile::TempDir, ConnectionSet<SqliteConnection>) {
+        let folder = tempfile::tempdir().unwrap();
+        let options = SqliteConnectOptions::new()
+            .filename(folder.path().join("test.sqlite3"))
+            .create_if_missing(true);
+        let set = ConnectionSet::connect(options, count, Duration::from_millis(50), None)
+            .await
+            .unwrap();
+        (folder, set)
+    }
+
+    /// Marks the connection of `lease` with a temporary table, which only it can see.
+    async fn mark(lease: &mut Lease<'_, SqliteConnection>) {
+        let done = sqlx::query("CREATE TEMP TABLE marker (x)")
+            .execute(&mut **lease)
+            .await;
+        lease.checked(done).unwrap();
+    }
+
+    /// Whether the connection of `lease` is the one [`mark`] marked.
+    async fn is_marked(lease: &mut Lease<'_, SqliteConnection>) -> bool {
+        let done = sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM temp.sqlite_master WHERE name = 'marker'",
+        )
+        .fetch_one(&mut **lease)
+        .await;
+        lease.checked(done).unwrap() == 1
+    }
+
+    #[tokio::test]
+    async fn waiting_longer_than_the_timeout_fails_as_a_pool_timeout_would() {
+        let (_folder, writer) = scratch_set(1).await;
+        let held = writer.acquire().await.unwrap();
+        assert!(matches!(
+            writer.acquire().await,
+            Err(sqlx::Error::PoolTimedOut)
+        ));
+        drop(held);
+        assert!(writer.acquire().await.is_ok(), "free again once released");
+    }
+
+    #[tokio::test]
+    async fn each_connection_is_handed_out_once_and_comes_back_after_a_success() {
+        let (_folder, readers) = scratch_set(2).await;
+        let mut first = readers.acquire().await.unwrap();
+        let second = readers.acquire().await.unwrap();
+        assert!(
+            matches!(readers.acquire().await, Err(sqlx::Error::PoolTimedOut)),
+            "both connections are out"
+        );
+        mark(&mut first).await;
+        drop(first);
+        let mut again = readers.acquire().await.unwrap();
+        assert!(is_marked(&mut again).await, "the same connection came back");
+        drop((again, second));
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_statement_failed_is_replaced() {
+        let (_folder, writer) = scratch_set(1).await;
+        let mut lease = writer.acquire().await.unwrap();
+        mark(&mut lease).await;
+        let failed = sqlx::query("SELECT * FROM no_such_table")
+            .execute(&mut *lease)
+            .await;
+        assert!(lease.checked(failed).is_err());
+        drop(lease);
+        let mut next = writer.acquire().await.unwrap();
+        assert!(
+            !is_marked(&mut next).await,
+            "a fresh connection took the slot"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_abandoned_in_use_is_replaced() {
+        let (_folder, writer) = scratch_set(1).await;
+        let mut lease = writer.acquire().await.unwrap();
+        mark(&mut lease).await;
+        // A statement that never reported back, as when its future is dropped halfway.
+        let _ = &mut *lease;
+        drop(lease);
+        let mut next = writer.acquire().await.unwrap();
+        assert!(
+            !is_marked(&mut next).await,
+            "a fresh connection took the slot"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lease_never_used_mutably_goes_back_as_it_was() {
+        let (_folder, writer) = scratch_set(1).await;
+        let mut lease = writer.acquire().await.unwrap();
+        mark(&mut lease).await;
+        drop(lease);
+        let untouched = writer.acquire().await.unwrap();
+        drop(untouched);
+        let mut next = writer.acquire().await.unwrap();
+        assert!(is_marked(&mut next).await);
+    }
+}
