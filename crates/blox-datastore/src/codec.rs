@@ -424,9 +424,17 @@ pub(crate) fn write_number(out: &mut String, n: f64) {
 /// Writes `value` in decimal; the common case of every stored number, so without `fmt`'s
 /// machinery.
 fn push_integer(out: &mut String, value: i64) {
-    let mut digits = [0_u8; 20];
+    if value < 0 {
+        out.push('-');
+    }
+    push_decimal(out, value.unsigned_abs(), 1);
+}
+
+/// Writes `value` in decimal, zero-padded to at least `width` digits (at most 20).
+pub(crate) fn push_decimal(out: &mut String, value: u64, width: usize) {
+    let mut digits = [b'0'; 20];
     let mut start = digits.len();
-    let mut rest = value.unsigned_abs();
+    let mut rest = value;
     loop {
         start -= 1;
         digits[start] = b'0' + (rest % 10) as u8;
@@ -435,9 +443,7 @@ fn push_integer(out: &mut String, value: i64) {
             break;
         }
     }
-    if value < 0 {
-        out.push('-');
-    }
+    let start = start.min(digits.len() - width.min(digits.len()));
     out.extend(digits[start..].iter().map(|&digit| char::from(digit)));
 }
 

@@ -1169,23 +1169,11 @@ fn push_hex16(out: &mut String, value: i64) {
 
 /// A sequence number zero-padded to at least 10 digits, as `{:010}` writes it.
 fn push_padded_decimal(out: &mut String, seq: i64) {
-    const WIDTH: usize = 10;
-    let Ok(mut rest) = u64::try_from(seq) else {
-        let _ = std::fmt::Write::write_fmt(out, format_args!("{seq:010}"));
-        return;
-    };
-    let mut digits = [b'0'; 20];
-    let mut start = digits.len();
-    loop {
-        start -= 1;
-        digits[start] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        if rest == 0 {
-            break;
+    match u64::try_from(seq) {
+        Ok(seq) => codec::push_decimal(out, seq, 10),
+        Err(_) => {
+            let _ = std::fmt::Write::write_fmt(out, format_args!("{seq:010}"));
         }
-    }
-    for &digit in &digits[start.min(digits.len() - WIDTH)..] {
-        out.push(char::from(digit));
     }
 }
 

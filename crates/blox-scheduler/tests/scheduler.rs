@@ -153,17 +153,7 @@ fn errors_from_rust_reach_pcall_as_plain_strings() {
 #[test]
 fn hand_resumed_threads_parked_on_rust_futures_are_adopted() {
     let h = Harness::new();
-    let senders: Rc<RefCell<Vec<oneshot::Sender<i64>>>> = Rc::default();
-    let registry = Rc::clone(&senders);
-    let wait_for_value = h
-        .lua
-        .create_async_function(move |_, ()| {
-            let (sender, receiver) = oneshot::channel();
-            registry.borrow_mut().push(sender);
-            async move { Ok(receiver.await.unwrap_or(-1)) }
-        })
-        .unwrap();
-    h.lua.globals().set("waitForValue", wait_for_value).unwrap();
+    let senders = park_on_channels(&h);
     h.start(
         r#"
         local co = coroutine.create(function() got = waitForValue() end)

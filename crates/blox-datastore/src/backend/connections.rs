@@ -242,35 +242,27 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_connection_whose_statement_failed_is_replaced() {
-        let (_folder, writer) = scratch_set(1).await;
-        let mut lease = writer.acquire().await.unwrap();
-        mark(&mut lease).await;
-        let failed = sqlx::query("SELECT * FROM no_such_table")
-            .execute(&mut *lease)
-            .await;
-        assert!(lease.checked(failed).is_err());
-        drop(lease);
-        let mut next = writer.acquire().await.unwrap();
-        assert!(
-            !is_marked(&mut next).await,
-            "a fresh connection took the slot"
-        );
-    }
-
-    #[tokio::test]
-    async fn a_connection_abandoned_in_use_is_replaced() {
-        let (_folder, writer) = scratch_set(1).await;
-        let mut lease = writer.acquire().await.unwrap();
-        mark(&mut lease).await;
-        // A statement that never reported back, as when its future is dropped halfway.
-        let _ = &mut *lease;
-        drop(lease);
-        let mut next = writer.acquire().await.unwrap();
-        assert!(
-            !is_marked(&mut next).await,
-            "a fresh connection took the slot"
-        );
+    async fn a_connection_whose_statement_failed_or_was_abandoned_is_replaced() {
+        for failed in [true, false] {
+            let (_folder, writer) = scratch_set(1).await;
+            let mut lease = writer.acquire().await.unwrap();
+            mark(&mut lease).await;
+            if failed {
+                let done = sqlx::query("SELECT * FROM no_such_table")
+                    .execute(&mut *lease)
+                    .await;
+                assert!(lease.checked(done).is_err());
+            } else {
+                // A statement that never reported back, as when its future is dropped halfway.
+                let _ = &mut *lease;
+            }
+            drop(lease);
+            let mut next = writer.acquire().await.unwrap();
+            assert!(
+                !is_marked(&mut next).await,
+                "a fresh connection took the slot (statement failed: {failed})"
+            );
+        }
     }
 
     #[tokio::test]
