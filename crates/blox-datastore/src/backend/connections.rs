@@ -104,7 +104,7 @@ impl<C: Connection> ConnectionSet<C> {
                 let stale = set
                     .ping_after_idle
                     .is_some_and(|limit| since.elapsed() > limit);
-                if stale && connection.ping().await.is_err() {
+                if stale && !set.answers(&mut connection).await {
                     set.open().await?
                 } else {
                     connection
@@ -122,6 +122,15 @@ impl<C: Connection> ConnectionSet<C> {
 }
 
 impl<C: Connection> Shared<C> {
+    /// Whether `connection` answers a ping within the set's timeout: a server that vanished
+    /// without closing the socket would otherwise hold the request until TCP gives up.
+    async fn answers(&self, connection: &mut C) -> bool {
+        matches!(
+            tokio::time::timeout(self.timeout, connection.ping()).await,
+            Ok(Ok(()))
+        )
+    }
+
     /// A new connection for a slot whose connection was closed.
     async fn open(&self) -> Result<C, sqlx::Error> {
         tokio::time::timeout(self.timeout, self.options.connect())
@@ -185,11 +194,19 @@ mod tests {
 
     /// A set of `count` connections to a database file in a fresh folder, removed with it.
     async fn scratch_set(count: usize) -> (tempfile::TempDir, ConnectionSet<SqliteConnection>) {
+        scratch_set_pinging(count, None).await
+    }
+
+    async fn scratch_set_pinging(
+        count: usize,
+        ping_after_idle: Option<Duration>,
+    ) -> (tempfile::TempDir, ConnectionSet<SqliteConnection>) {
         let folder = tempfile::tempdir().unwrap();
         let options = SqliteConnectOptions::new()
             .filename(folder.path().join("test.sqlite3"))
             .create_if_missing(true);
-        let set = ConnectionSet::connect(options, count, Duration::from_millis(50), None)
+        let timeout = Duration::from_millis(50);
+        let set = ConnectionSet::connect(options, count, timeout, ping_after_idle)
             .await
             .unwrap();
         (folder, set)
@@ -263,6 +280,19 @@ mod tests {
                 "a fresh connection took the slot (statement failed: {failed})"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_that_answers_its_ping_is_kept() {
+        let (_folder, set) = scratch_set_pinging(1, Some(Duration::ZERO)).await;
+        let mut lease = set.acquire().await.unwrap();
+        mark(&mut lease).await;
+        drop(lease);
+        let mut next = set.acquire().await.unwrap();
+        assert!(
+            is_marked(&mut next).await,
+            "pinged, answered, handed out again"
+        );
     }
 
     #[tokio::test]
