@@ -610,8 +610,10 @@ impl RawConnections {
                 .busy_timeout(Duration::from_secs(10));
             let timeout = Duration::from_secs(10);
             Ok(RawConnections::Sqlite {
-                readers: ConnectionSet::connect(connect.clone(), 4, timeout, None).await?,
-                writer: ConnectionSet::connect(connect.clone(), 1, timeout, None).await?,
+                readers: ConnectionSet::connect(connect.clone(), sqlite::set_limits(4, timeout))
+                    .await?,
+                writer: ConnectionSet::connect(connect.clone(), sqlite::set_limits(1, timeout))
+                    .await?,
                 seeder: sqlx::sqlite::SqlitePoolOptions::new()
                     .max_connections(1)
                     .connect_with(connect)
@@ -623,9 +625,7 @@ impl RawConnections {
             Ok(RawConnections::Postgres {
                 connections: ConnectionSet::connect(
                     connect.clone(),
-                    pool_size as usize,
-                    timeout,
-                    Some(postgres::PING_AFTER_IDLE),
+                    postgres::set_limits(pool_size as usize, timeout),
                 )
                 .await?,
                 seeder: sqlx::postgres::PgPoolOptions::new()

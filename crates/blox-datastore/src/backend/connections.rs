@@ -1,4 +1,4 @@
-//! A fixed set of database connections that statements borrow one at a time: both backends
+//! A bounded set of database connections that statements borrow one at a time: both backends
 //! hand out their connections from these, SQLite as one writer and four readers, PostgreSQL
 //! as one set sized to the machine.
 //!
@@ -13,14 +13,35 @@
 //! slot opens a fresh one. A connection that sat idle longer than the set's ping interval is
 //! pinged before it is handed out, so the ones a database restart broke while idle are
 //! replaced before any request uses them.
+//!
+//! Like a pool, a set opens connections as they are needed (one at once, so a bad address or
+//! password is reported at start) and can close the ones that idled too long: many servers on
+//! one PostgreSQL then hold connections for their load, not for their size.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sqlx::{ConnectOptions as _, Connection};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
-/// A fixed number of connections made from one set of options.
+/// How a [`ConnectionSet`] keeps its connections.
+#[derive(Debug, Clone, Copy)]
+pub struct SetLimits {
+    /// The most connections open at once.
+    pub size: usize,
+    /// How long a statement waits for a connection before failing, as a pool's acquire
+    /// timeout; also the limit on opening a connection and on a ping.
+    pub timeout: Duration,
+    /// A connection idle for longer than this is pinged before it is handed out; `None` for a
+    /// database that cannot drop a connection (an embedded one).
+    pub ping_after_idle: Option<Duration>,
+    /// A connection idle for longer than this is closed when another one comes back; `None`
+    /// keeps every connection once opened.
+    pub close_after_idle: Option<Duration>,
+}
+
+/// Up to [`SetLimits::size`] connections made from one set of options.
 #[derive(Debug)]
 pub struct ConnectionSet<C: Connection> {
     shared: Arc<Shared<C>>,
@@ -37,17 +58,14 @@ impl<C: Connection> Clone for ConnectionSet<C> {
 #[derive(Debug)]
 struct Shared<C: Connection> {
     options: C::Options,
-    /// Idle connections with the time each came back. Fewer than the permits while a slot
-    /// whose connection was closed waits for its next borrower to reconnect.
+    /// Idle connections with the time each came back, the most recent last. Fewer than the
+    /// free permits while some slots have no connection open: their next borrower opens one.
     idle: Mutex<Vec<(C, Instant)>>,
     /// One permit per slot; waiters are served in order.
     available: Semaphore,
-    /// How long a statement waits for a connection before failing, as a pool's acquire
-    /// timeout; also the limit on opening a replacement.
-    timeout: Duration,
-    /// A connection idle for longer than this is pinged before it is handed out; `None` for a
-    /// database that cannot drop a connection (an embedded one).
-    ping_after_idle: Option<Duration>,
+    /// Connections open now, idle or lent.
+    open: AtomicUsize,
+    limits: SetLimits,
 }
 
 /// A connection borrowed from a [`ConnectionSet`], back in the set when dropped if its last
@@ -63,48 +81,42 @@ pub struct Lease<'a, C: Connection> {
 }
 
 impl<C: Connection> ConnectionSet<C> {
-    /// Opens `count` connections with `options`.
-    pub async fn connect(
-        options: C::Options,
-        count: usize,
-        timeout: Duration,
-        ping_after_idle: Option<Duration>,
-    ) -> Result<Self, sqlx::Error> {
-        let mut idle = Vec::with_capacity(count);
-        for _ in 0..count {
-            idle.push((options.connect().await?, Instant::now()));
+    /// A set within `limits`, with one connection opened at once: a database that cannot be
+    /// reached fails here, not at the first request.
+    pub async fn connect(options: C::Options, limits: SetLimits) -> Result<Self, sqlx::Error> {
+        let shared = Shared {
+            options,
+            idle: Mutex::new(Vec::with_capacity(limits.size)),
+            available: Semaphore::new(limits.size),
+            open: AtomicUsize::new(0),
+            limits,
+        };
+        if limits.size > 0 {
+            let first = shared.open().await?;
+            shared.lock_idle().push((first, Instant::now()));
         }
         Ok(Self {
-            shared: Arc::new(Shared {
-                options,
-                idle: Mutex::new(idle),
-                available: Semaphore::new(count),
-                timeout,
-                ping_after_idle,
-            }),
+            shared: Arc::new(shared),
         })
     }
 
     /// A working connection, waiting for one to come back when all are out: an idle one
-    /// (pinged first if it idled too long, replaced if the ping fails) or, for a slot whose
-    /// connection was closed, a new one.
+    /// (pinged first if it idled too long, replaced if the ping fails) or a new one.
     pub async fn acquire(&self) -> Result<Lease<'_, C>, sqlx::Error> {
         let set = &*self.shared;
-        let permit = tokio::time::timeout(set.timeout, set.available.acquire())
+        let permit = tokio::time::timeout(set.limits.timeout, set.available.acquire())
             .await
             .map_err(|_| sqlx::Error::PoolTimedOut)?
             .map_err(|_| sqlx::Error::PoolClosed)?;
-        let idle = set
-            .idle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .pop();
+        let idle = set.lock_idle().pop();
         let connection = match idle {
             Some((mut connection, since)) => {
                 let stale = set
+                    .limits
                     .ping_after_idle
                     .is_some_and(|limit| since.elapsed() > limit);
                 if stale && !set.answers(&mut connection).await {
+                    set.close(connection);
                     set.open().await?
                 } else {
                     connection
@@ -119,23 +131,53 @@ impl<C: Connection> ConnectionSet<C> {
             _permit: permit,
         })
     }
+
+    /// How many connections are open, idle or lent.
+    pub fn open_connections(&self) -> usize {
+        self.shared.open.load(Ordering::Relaxed)
+    }
 }
 
 impl<C: Connection> Shared<C> {
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<(C, Instant)>> {
+        self.idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Takes `connection` back, closing the idle ones that waited past the close limit.
+    fn take_back(&self, connection: C) {
+        let mut idle = self.lock_idle();
+        if let Some(limit) = self.limits.close_after_idle {
+            let before = idle.len();
+            idle.retain(|(_, since)| since.elapsed() <= limit);
+            self.open.fetch_sub(before - idle.len(), Ordering::Relaxed);
+        }
+        idle.push((connection, Instant::now()));
+    }
+
+    /// Drops a connection that may not be used again; its slot opens a new one on demand.
+    fn close(&self, connection: C) {
+        drop(connection);
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+
     /// Whether `connection` answers a ping within the set's timeout: a server that vanished
     /// without closing the socket would otherwise hold the request until TCP gives up.
     async fn answers(&self, connection: &mut C) -> bool {
         matches!(
-            tokio::time::timeout(self.timeout, connection.ping()).await,
+            tokio::time::timeout(self.limits.timeout, connection.ping()).await,
             Ok(Ok(()))
         )
     }
 
-    /// A new connection for a slot whose connection was closed.
+    /// A new connection for a slot that has none.
     async fn open(&self) -> Result<C, sqlx::Error> {
-        tokio::time::timeout(self.timeout, self.options.connect())
+        let connection = tokio::time::timeout(self.limits.timeout, self.options.connect())
             .await
-            .map_err(|_| sqlx::Error::PoolTimedOut)?
+            .map_err(|_| sqlx::Error::PoolTimedOut)??;
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Ok(connection)
     }
 }
 
@@ -173,14 +215,12 @@ impl<C: Connection> Drop for Lease<'_, C> {
     fn drop(&mut self) {
         // The permit is a field, released after this body: the connection is idle again (or
         // its slot free to reconnect) before anyone may take it.
-        if let Some(connection) = self.connection.take()
-            && self.clean
-        {
-            self.set
-                .idle
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .push((connection, Instant::now()));
+        if let Some(connection) = self.connection.take() {
+            if self.clean {
+                self.set.take_back(connection);
+            } else {
+                self.set.close(connection);
+            }
         }
     }
 }
@@ -192,23 +232,29 @@ mod tests {
 
     use super::*;
 
-    /// A set of `count` connections to a database file in a fresh folder, removed with it.
-    async fn scratch_set(count: usize) -> (tempfile::TempDir, ConnectionSet<SqliteConnection>) {
-        scratch_set_pinging(count, None).await
+    /// Limits for a set of `size` that never pings or closes an idle connection.
+    fn limits(size: usize) -> SetLimits {
+        SetLimits {
+            size,
+            timeout: Duration::from_millis(50),
+            ping_after_idle: None,
+            close_after_idle: None,
+        }
     }
 
-    async fn scratch_set_pinging(
-        count: usize,
-        ping_after_idle: Option<Duration>,
+    /// A set of `size` connections to a database file in a fresh folder, removed with it.
+    async fn scratch_set(size: usize) -> (tempfile::TempDir, ConnectionSet<SqliteConnection>) {
+        scratch_set_within(limits(size)).await
+    }
+
+    async fn scratch_set_within(
+        limits: SetLimits,
     ) -> (tempfile::TempDir, ConnectionSet<SqliteConnection>) {
         let folder = tempfile::tempdir().unwrap();
         let options = SqliteConnectOptions::new()
             .filename(folder.path().join("test.sqlite3"))
             .create_if_missing(true);
-        let timeout = Duration::from_millis(50);
-        let set = ConnectionSet::connect(options, count, timeout, ping_after_idle)
-            .await
-            .unwrap();
+        let set = ConnectionSet::connect(options, limits).await.unwrap();
         (folder, set)
     }
 
@@ -284,7 +330,11 @@ mod tests {
 
     #[tokio::test]
     async fn an_idle_connection_that_answers_its_ping_is_kept() {
-        let (_folder, set) = scratch_set_pinging(1, Some(Duration::ZERO)).await;
+        let always_ping = SetLimits {
+            ping_after_idle: Some(Duration::ZERO),
+            ..limits(1)
+        };
+        let (_folder, set) = scratch_set_within(always_ping).await;
         let mut lease = set.acquire().await.unwrap();
         mark(&mut lease).await;
         drop(lease);
@@ -305,5 +355,59 @@ mod tests {
         drop(untouched);
         let mut next = writer.acquire().await.unwrap();
         assert!(is_marked(&mut next).await);
+    }
+
+    #[tokio::test]
+    async fn connections_open_as_they_are_needed() {
+        let (_folder, set) = scratch_set(3).await;
+        assert_eq!(
+            set.open_connections(),
+            1,
+            "one at once, to report a bad database early"
+        );
+        let leases = (
+            set.acquire().await.unwrap(),
+            set.acquire().await.unwrap(),
+            set.acquire().await.unwrap(),
+        );
+        assert_eq!(set.open_connections(), 3);
+        drop(leases);
+        let _again = set.acquire().await.unwrap();
+        assert_eq!(
+            set.open_connections(),
+            3,
+            "idle ones are reused, not reopened"
+        );
+    }
+
+    #[tokio::test]
+    async fn connections_idle_past_the_limit_close_when_another_comes_back() {
+        let close_at_once = SetLimits {
+            close_after_idle: Some(Duration::ZERO),
+            ..limits(3)
+        };
+        let (_folder, set) = scratch_set_within(close_at_once).await;
+        let (first, second) = (set.acquire().await.unwrap(), set.acquire().await.unwrap());
+        assert_eq!(set.open_connections(), 2);
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        drop(second);
+        assert_eq!(
+            set.open_connections(),
+            1,
+            "the one that idled was closed, the one that just came back kept"
+        );
+        assert!(set.acquire().await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_replaced_connection_is_counted_once() {
+        let (_folder, writer) = scratch_set(1).await;
+        let mut lease = writer.acquire().await.unwrap();
+        let _ = &mut *lease;
+        drop(lease);
+        assert_eq!(writer.open_connections(), 0, "closed, not yet reopened");
+        let _next = writer.acquire().await.unwrap();
+        assert_eq!(writer.open_connections(), 1);
     }
 }

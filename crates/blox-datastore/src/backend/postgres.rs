@@ -11,7 +11,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
 use sqlx::{ConnectOptions as _, Connection as _};
 
-use super::connections::{ConnectionSet, Lease};
+use super::connections::{ConnectionSet, Lease, SetLimits};
 use super::{BackendError, OpenOptions, Statements, sql_backend};
 
 /// The statements of the PostgreSQL dialect.
@@ -100,10 +100,20 @@ pub struct PostgresBackend {
     keep_all_versions: bool,
 }
 
-/// A connection idle for longer than this is pinged before it is handed out: under load no
-/// connection idles that long, while after a server restart the idle ones, broken by it, are
-/// found and replaced before any request uses them.
-pub const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
+/// How Blox keeps its PostgreSQL connections: `size` at most, `timeout` to get one.
+///
+/// A connection idle for over a second is pinged before it is handed out: under load none
+/// idles that long, while after a server restart the idle ones, broken by it, are found and
+/// replaced before any request uses them. One idle for ten minutes (sqlx's pool default) is
+/// closed, so a quiet server holds few of the database's connections.
+pub fn set_limits(size: usize, timeout: Duration) -> SetLimits {
+    SetLimits {
+        size,
+        timeout,
+        ping_after_idle: Some(Duration::from_secs(1)),
+        close_after_idle: Some(Duration::from_secs(10 * 60)),
+    }
+}
 
 impl PostgresBackend {
     /// Connects to `url` and migrates the database (or `options.postgres_schema`).
@@ -141,13 +151,8 @@ impl PostgresBackend {
             .run(&migrations)
             .await?;
         migrations.close().await;
-        let connections = ConnectionSet::connect(
-            connect,
-            options.postgres_pool_size as usize,
-            options.timeout,
-            Some(PING_AFTER_IDLE),
-        )
-        .await?;
+        let limits = set_limits(options.postgres_pool_size as usize, options.timeout);
+        let connections = ConnectionSet::connect(connect, limits).await?;
         Ok(Self {
             connections,
             keep_all_versions: options.keep_all_versions,

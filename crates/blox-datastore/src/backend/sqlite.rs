@@ -16,7 +16,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
 };
 
-use super::connections::{ConnectionSet, Lease};
+use super::connections::{ConnectionSet, Lease, SetLimits};
 use super::{BackendError, OpenOptions, Statements, sql_backend};
 
 /// Reading connections per server: enough for the two cores of a small machine to keep busy.
@@ -128,6 +128,18 @@ pub const STATEMENTS: Statements = Statements {
             GROUP BY store_name ORDER BY store_name LIMIT ?6",
 };
 
+/// How Blox keeps its SQLite connections: `size` at most, `timeout` to get one. An embedded
+/// database cannot drop a connection, and reopening one loses its statement cache: nothing is
+/// pinged, nothing closed.
+pub fn set_limits(size: usize, timeout: std::time::Duration) -> SetLimits {
+    SetLimits {
+        size,
+        timeout,
+        ping_after_idle: None,
+        close_after_idle: None,
+    }
+}
+
 /// Entries in a SQLite file.
 #[derive(Debug, Clone)]
 pub struct SqliteBackend {
@@ -185,9 +197,9 @@ impl SqliteBackend {
             .run(&migrations)
             .await?;
         migrations.close().await;
-        // An embedded database cannot drop a connection: nothing to ping.
-        let writer = ConnectionSet::connect(connect.clone(), 1, options.timeout, None).await?;
-        let readers = ConnectionSet::connect(connect, READERS, options.timeout, None).await?;
+        let writer =
+            ConnectionSet::connect(connect.clone(), set_limits(1, options.timeout)).await?;
+        let readers = ConnectionSet::connect(connect, set_limits(READERS, options.timeout)).await?;
         drop(lock);
         Ok(Self {
             readers,
