@@ -4,10 +4,10 @@
 //! it runs the calls from that many Luau coroutines through the real engine, then runs the
 //! same SQL statements from as many Tokio tasks with raw sqlx, on connections set up as
 //! Blox's backends set up theirs (Blox's own connection sets: SQLite's four readers and one
-//! writer, PostgreSQL's one set), for the same time. The ratio of the two
-//! rates is the cost of everything Blox adds (Luau, the codec, validation, the scheduler, the
-//! hop between runtimes). While the Luau load runs, a
-//! Luau thread measures how late `task.wait()` resumes, the timer lag scripts would feel.
+//! writer, PostgreSQL's one set), for the same time. The ratio of the two rates is the cost of
+//! everything Blox adds (Luau, the codec, validation, the scheduler, the hop between
+//! runtimes). While the Luau load runs, a Luau thread measures how late `task.wait()` resumes,
+//! the timer lag scripts would feel.
 //! GetAsync runs with `UseCache = false`: the point is the database path, not cache hits.
 //!
 //! Two more measurements on request: `--listing-sizes` pages through stores of those sizes

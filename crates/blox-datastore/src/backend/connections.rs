@@ -18,7 +18,6 @@
 //! password is reported at start) and can close the ones that idled too long: many servers on
 //! one PostgreSQL then hold connections for their load, not for their size.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -63,8 +62,6 @@ struct Shared<C: Connection> {
     idle: Mutex<Vec<(C, Instant)>>,
     /// One permit per slot; waiters are served in order.
     available: Semaphore,
-    /// Connections open now, idle or lent.
-    open: AtomicUsize,
     limits: SetLimits,
 }
 
@@ -88,7 +85,6 @@ impl<C: Connection> ConnectionSet<C> {
             options,
             idle: Mutex::new(Vec::with_capacity(limits.size)),
             available: Semaphore::new(limits.size),
-            open: AtomicUsize::new(0),
             limits,
         };
         if limits.size > 0 {
@@ -116,7 +112,7 @@ impl<C: Connection> ConnectionSet<C> {
                     .ping_after_idle
                     .is_some_and(|limit| since.elapsed() > limit);
                 if stale && !set.answers(&mut connection).await {
-                    set.close(connection);
+                    drop(connection);
                     set.open().await?
                 } else {
                     connection
@@ -132,9 +128,12 @@ impl<C: Connection> ConnectionSet<C> {
         })
     }
 
-    /// How many connections are open, idle or lent.
+    /// How many connections are open: the idle ones and one per lease (a slot whose
+    /// connection was closed holds neither).
     pub fn open_connections(&self) -> usize {
-        self.shared.open.load(Ordering::Relaxed)
+        let set = &*self.shared;
+        let lent = set.limits.size - set.available.available_permits();
+        set.lock_idle().len() + lent
     }
 }
 
@@ -147,19 +146,12 @@ impl<C: Connection> Shared<C> {
 
     /// Takes `connection` back, closing the idle ones that waited past the close limit.
     fn take_back(&self, connection: C) {
+        let now = Instant::now();
         let mut idle = self.lock_idle();
         if let Some(limit) = self.limits.close_after_idle {
-            let before = idle.len();
-            idle.retain(|(_, since)| since.elapsed() <= limit);
-            self.open.fetch_sub(before - idle.len(), Ordering::Relaxed);
+            idle.retain(|(_, since)| now.duration_since(*since) <= limit);
         }
-        idle.push((connection, Instant::now()));
-    }
-
-    /// Drops a connection that may not be used again; its slot opens a new one on demand.
-    fn close(&self, connection: C) {
-        drop(connection);
-        self.open.fetch_sub(1, Ordering::Relaxed);
+        idle.push((connection, now));
     }
 
     /// Whether `connection` answers a ping within the set's timeout: a server that vanished
@@ -173,11 +165,9 @@ impl<C: Connection> Shared<C> {
 
     /// A new connection for a slot that has none.
     async fn open(&self) -> Result<C, sqlx::Error> {
-        let connection = tokio::time::timeout(self.limits.timeout, self.options.connect())
+        tokio::time::timeout(self.limits.timeout, self.options.connect())
             .await
-            .map_err(|_| sqlx::Error::PoolTimedOut)??;
-        self.open.fetch_add(1, Ordering::Relaxed);
-        Ok(connection)
+            .map_err(|_| sqlx::Error::PoolTimedOut)?
     }
 }
 
@@ -214,13 +204,11 @@ impl<C: Connection> std::ops::DerefMut for Lease<'_, C> {
 impl<C: Connection> Drop for Lease<'_, C> {
     fn drop(&mut self) {
         // The permit is a field, released after this body: the connection is idle again (or
-        // its slot free to reconnect) before anyone may take it.
-        if let Some(connection) = self.connection.take() {
-            if self.clean {
-                self.set.take_back(connection);
-            } else {
-                self.set.close(connection);
-            }
+        // closed, its slot free to reconnect) before anyone may take it.
+        if let Some(connection) = self.connection.take()
+            && self.clean
+        {
+            self.set.take_back(connection);
         }
     }
 }

@@ -844,8 +844,8 @@ macro_rules! sql_backend {
                 key: &$crate::backend::EntryKey,
                 seq: i64,
             ) -> Result<(), $crate::backend::BackendError> {
+                let mut connection = self.$write().await?;
                 for statement in [$statements.remove_version, $statements.erase_latest_version] {
-                    let mut connection = self.$write().await?;
                     let done = $crate::backend::bind_key(sqlx::query::<$db>(statement), key)
                         .bind(seq)
                         .execute(&mut *connection)

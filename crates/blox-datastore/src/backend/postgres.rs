@@ -1,9 +1,9 @@
 //! The PostgreSQL backend: the production store, shared by every server of a game.
 //!
 //! One [`ConnectionSet`] sized to the machine (measured on 2 cores: 4 to 8 connections serve
-//! 64 concurrent clients faster than 64 connections would). Servers racing on one key are serialized by the
-//! compare-and-set statements, never by locks held across a round trip. Migrations take sqlx's
-//! advisory lock, so servers that start together apply them once.
+//! 64 concurrent clients faster than 64 connections would). Servers racing on one key are
+//! serialized by the compare-and-set statements, never by locks held across a round trip.
+//! Migrations take sqlx's advisory lock, so servers that start together apply them once.
 
 use std::str::FromStr as _;
 use std::time::Duration;
