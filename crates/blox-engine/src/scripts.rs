@@ -85,7 +85,10 @@ pub fn environment(lua: &Lua, script: Ref) -> mlua::Result<Table> {
     let tree = Tree::of(lua);
     environment.raw_set("script", tree.value(lua, script)?)?;
     environment.raw_set("require", require_for(lua, script)?)?;
-    // Built-in libraries stay read-only underneath, so Luau's fast paths for them hold.
+    // Built-in libraries stay read-only underneath, so Luau's fast paths for them hold. Luau
+    // resolves a chunk's global reads once, at load, against the shared globals rather than
+    // this table, and only for names it finds there: the names set here must not exist in the
+    // shared globals, or scripts would read those instead.
     environment.set_safeenv(true);
     Ok(environment)
 }
