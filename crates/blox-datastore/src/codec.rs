@@ -476,10 +476,17 @@ fn write_string(out: &mut String, text: &str) {
 }
 
 /// Parses stored JSON text. Fails only on text that Blox did not write (a hand-edited row).
+///
+/// This runs on the database runtime for every value read, so it allocates each string and
+/// each container once, at its final size: a container's members are gathered on a stack
+/// shared by the whole parse and moved out when it closes.
 pub fn decode(text: &str) -> Result<Stored, DataStoreError> {
     let mut parser = Parser {
+        text,
         bytes: text.as_bytes(),
         position: 0,
+        items: Vec::new(),
+        fields: Vec::new(),
     };
     let value = parser.value(0)?;
     parser.skip_whitespace();
@@ -490,8 +497,13 @@ pub fn decode(text: &str) -> Result<Stored, DataStoreError> {
 }
 
 struct Parser<'a> {
+    text: &'a str,
     bytes: &'a [u8],
     position: usize,
+    /// Members of the arrays being parsed, innermost last.
+    items: Vec<Stored>,
+    /// Members of the objects being parsed, innermost last.
+    fields: Vec<(String, Stored)>,
 }
 
 impl Parser<'_> {
@@ -522,45 +534,47 @@ impl Parser<'_> {
         match self.bytes.get(self.position) {
             Some(b'{') => {
                 self.position += 1;
-                let mut fields = Vec::new();
+                let first = self.fields.len();
                 self.skip_whitespace();
-                if self.eat("}") {
-                    return Ok(Stored::Object(fields));
+                if !self.eat("}") {
+                    loop {
+                        self.skip_whitespace();
+                        let key = self.string()?;
+                        self.skip_whitespace();
+                        if !self.eat(":") {
+                            return Err(self.error());
+                        }
+                        let value = self.value(depth + 1)?;
+                        self.fields.push((key, value));
+                        self.skip_whitespace();
+                        if self.eat("}") {
+                            break;
+                        }
+                        if !self.eat(",") {
+                            return Err(self.error());
+                        }
+                    }
                 }
-                loop {
-                    self.skip_whitespace();
-                    let key = self.string()?;
-                    self.skip_whitespace();
-                    if !self.eat(":") {
-                        return Err(self.error());
-                    }
-                    fields.push((key, self.value(depth + 1)?));
-                    self.skip_whitespace();
-                    if self.eat("}") {
-                        return Ok(Stored::Object(fields));
-                    }
-                    if !self.eat(",") {
-                        return Err(self.error());
-                    }
-                }
+                Ok(Stored::Object(self.fields.drain(first..).collect()))
             }
             Some(b'[') => {
                 self.position += 1;
-                let mut items = Vec::new();
+                let first = self.items.len();
                 self.skip_whitespace();
-                if self.eat("]") {
-                    return Ok(Stored::Array(items));
-                }
-                loop {
-                    items.push(self.value(depth + 1)?);
-                    self.skip_whitespace();
-                    if self.eat("]") {
-                        return Ok(Stored::Array(items));
+                if !self.eat("]") {
+                    loop {
+                        let item = self.value(depth + 1)?;
+                        self.items.push(item);
+                        self.skip_whitespace();
+                        if self.eat("]") {
+                            break;
+                        }
+                        if !self.eat(",") {
+                            return Err(self.error());
+                        }
                     }
-                    if !self.eat(",") {
-                        return Err(self.error());
-                    }
                 }
+                Ok(Stored::Array(self.items.drain(first..).collect()))
             }
             Some(b'"') => Ok(Stored::String(self.string()?)),
             Some(_) if self.eat("true") => Ok(Stored::Bool(true)),
@@ -576,16 +590,37 @@ impl Parser<'_> {
 
     fn number(&mut self) -> Result<Stored, DataStoreError> {
         let start = self.position;
-        while let Some(b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') =
-            self.bytes.get(self.position)
-        {
+        let mut integer = true;
+        while let Some(&b) = self.bytes.get(self.position) {
+            match b {
+                b'0'..=b'9' => {}
+                b'-' if self.position == start => {}
+                b'-' | b'+' | b'.' | b'e' | b'E' => integer = false,
+                _ => break,
+            }
             self.position += 1;
         }
-        std::str::from_utf8(&self.bytes[start..self.position])
-            .ok()
-            .and_then(|text| text.parse::<f64>().ok())
+        let text = self
+            .text
+            .get(start..self.position)
+            .ok_or_else(|| self.error())?;
+        // Most stored numbers are small integers (money, levels, counts): below 2^53 their
+        // digits give the exact value without the general float parser.
+        let digits = text.strip_prefix('-').unwrap_or(text);
+        if integer && !digits.is_empty() && digits.len() <= 15 {
+            let magnitude = digits
+                .bytes()
+                .fold(0_u64, |value, digit| value * 10 + u64::from(digit - b'0'));
+            let magnitude = magnitude as f64;
+            return Ok(Stored::Number(if digits.len() == text.len() {
+                magnitude
+            } else {
+                -magnitude
+            }));
+        }
+        text.parse::<f64>()
             .map(Stored::Number)
-            .ok_or_else(|| self.error())
+            .map_err(|_| self.error())
     }
 
     fn string(&mut self) -> Result<String, DataStoreError> {
@@ -601,15 +636,23 @@ impl Parser<'_> {
                 }
                 self.position += 1;
             }
-            out.push_str(
-                std::str::from_utf8(&self.bytes[start..self.position]).map_err(|_| self.error())?,
-            );
+            // Both ends sit next to ASCII bytes (quotes, backslashes, escapes), so the slice of
+            // the already valid text needs no second UTF-8 check.
+            let run = self
+                .text
+                .get(start..self.position)
+                .ok_or_else(|| self.error())?;
             match self.bytes.get(self.position) {
                 Some(b'"') => {
                     self.position += 1;
+                    if out.is_empty() {
+                        return Ok(run.to_owned());
+                    }
+                    out.push_str(run);
                     return Ok(out);
                 }
                 Some(b'\\') => {
+                    out.push_str(run);
                     self.position += 1;
                     let escape = *self.bytes.get(self.position).ok_or_else(|| self.error())?;
                     self.position += 1;
