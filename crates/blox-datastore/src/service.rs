@@ -536,8 +536,8 @@ impl DataStore {
                 let version = backend.write(&write_key, &write).await?;
                 let info = KeyInfo {
                     version,
-                    user_ids: write.user_ids,
-                    metadata: write.metadata,
+                    user_ids: write.user_ids.into(),
+                    metadata: write.metadata.into(),
                 };
                 Ok((stored, info))
             })
@@ -617,8 +617,8 @@ impl DataStore {
                 let stored = codec::decode(&write.value)?;
                 let info = KeyInfo {
                     version,
-                    user_ids: write.user_ids,
-                    metadata: write.metadata,
+                    user_ids: write.user_ids.into(),
+                    metadata: write.metadata.into(),
                 };
                 this.written(&lua, &key, Some((stored.clone(), info.clone())))?;
                 return (codec::to_lua(&lua, &stored)?, info).into_lua_multi(&lua);
@@ -664,8 +664,8 @@ impl DataStore {
         let (version, user_ids, metadata) = version;
         let info = KeyInfo {
             version,
-            user_ids,
-            metadata,
+            user_ids: user_ids.into(),
+            metadata: metadata.into(),
         };
         this.written(
             &lua,
@@ -1239,8 +1239,11 @@ impl UserData for DataStore {
 #[derive(Debug, Clone)]
 pub struct KeyInfo {
     version: Version,
-    user_ids: String,
-    metadata: String,
+    /// The userIds as stored JSON; shared, since every GetAsync answered from one read or
+    /// cache entry hands the script a key info of its own.
+    user_ids: Arc<str>,
+    /// The metadata as stored JSON; shared like `user_ids`.
+    metadata: Arc<str>,
 }
 
 impl KeyInfo {
@@ -1252,8 +1255,8 @@ impl KeyInfo {
                 created_ms: 0,
                 updated_ms: 0,
             },
-            user_ids: "[]".to_owned(),
-            metadata: "{}".to_owned(),
+            user_ids: "[]".into(),
+            metadata: "{}".into(),
         }
     }
 
@@ -1265,8 +1268,8 @@ impl KeyInfo {
     pub(crate) fn from_entry(entry: &Entry) -> Self {
         Self {
             version: entry.version,
-            user_ids: entry.user_ids.clone(),
-            metadata: entry.metadata.clone(),
+            user_ids: entry.user_ids.as_str().into(),
+            metadata: entry.metadata.as_str().into(),
         }
     }
 }
