@@ -18,8 +18,8 @@ use crate::codec::Stored;
 use crate::listing::{Page, PageSource, Pages, Position, keep_page};
 use crate::operations::{self, OperationError};
 use crate::service::{
-    DataStore, DataStoreContext, KeyInfo, call_transform, cast_error, codec_type_name, use_cache,
-    yielding,
+    DataStore, DataStoreContext, KeyInfo, KnownValue, call_transform, cast_error, codec_type_name,
+    use_cache, yielding,
 };
 
 /// The largest magnitude a value may have: every integer up to it is exact in a Luau number.
@@ -69,14 +69,19 @@ impl OrderedDataStore {
         let key = this.0.entry_key(&lua, key)?;
         let use_cache = use_cache(&options)?;
         match this.0.read_through(&lua, key, use_cache).await? {
-            Some(state) => crate::codec::to_lua(&lua, &state.0),
+            Some(state) => state.0.to_lua(&lua),
             None => Ok(Value::Nil),
         }
     }
 
     /// Records a new value (or a removal) through this object and returns it to Luau.
     fn written(&self, lua: &Lua, key: &EntryKey, value: Option<i64>) -> mlua::Result<Value> {
-        let state = value.map(|value| (Stored::Number(value as f64), KeyInfo::unversioned()));
+        let state = value.map(|value| {
+            (
+                KnownValue::Decoded(Stored::Number(value as f64)),
+                KeyInfo::unversioned(),
+            )
+        });
         self.0.written(lua, key, state)?;
         Ok(value.map_or(Value::Nil, |value| Value::Number(value as f64)))
     }

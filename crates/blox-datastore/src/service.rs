@@ -376,7 +376,7 @@ pub struct DataStore {
     pub(crate) name: String,
     scope: String,
     all_scopes: bool,
-    cache: ReadCache<Option<Rc<(Stored, KeyInfo)>>>,
+    cache: ReadCache<Option<Rc<(KnownValue, KeyInfo)>>>,
 }
 
 impl DataStore {
@@ -447,7 +447,7 @@ impl DataStore {
     }
 
     /// Records what the object now knows of `key`, fresh for the cache window.
-    fn remember(&self, lua: &Lua, key: &EntryKey, state: Option<Rc<(Stored, KeyInfo)>>) {
+    fn remember(&self, lua: &Lua, key: &EntryKey, state: Option<Rc<(KnownValue, KeyInfo)>>) {
         let now = Scheduler::of(lua).now();
         self.cache.put(&key.scope, &key.key, state, now);
     }
@@ -458,7 +458,7 @@ impl DataStore {
         &self,
         lua: &Lua,
         key: &EntryKey,
-        state: Option<(Stored, KeyInfo)>,
+        state: Option<(KnownValue, KeyInfo)>,
     ) -> mlua::Result<()> {
         let state = state.map(Rc::new);
         self.context.updates().notify(lua, key, state.as_deref())?;
@@ -484,7 +484,7 @@ impl DataStore {
         lua: &Lua,
         key: EntryKey,
         use_cache: bool,
-    ) -> mlua::Result<Option<Rc<(Stored, KeyInfo)>>> {
+    ) -> mlua::Result<Option<Rc<(KnownValue, KeyInfo)>>> {
         if use_cache {
             let now = Scheduler::of(lua).now();
             if let Some(cached) = self.cache.get(&key.scope, &key.key, now) {
@@ -503,7 +503,9 @@ impl DataStore {
             .context
             .run("GetAsync", &self.name, move |backend| async move {
                 let found = operations::get(backend.as_ref(), &read_key).await?;
-                Ok(found.map(|(value, entry)| (value, KeyInfo::from_entry(&entry))))
+                Ok(found.map(|(value, entry)| {
+                    (KnownValue::Decoded(value), KeyInfo::from_entry(&entry))
+                }))
             })
             .await?
             .map(Rc::new);
@@ -522,10 +524,9 @@ impl DataStore {
         this.spend(&lua, Family::StandardWrite, "SetAsync", &key)
             .await?;
         let write_key = key.clone();
-        let (stored, info) = this
+        let (written, info) = this
             .context
             .run("SetAsync", &this.name, move |backend| async move {
-                let stored = codec::decode(&value)?;
                 let write = Write {
                     value,
                     user_ids,
@@ -539,11 +540,11 @@ impl DataStore {
                     user_ids: write.user_ids.into(),
                     metadata: write.metadata.into(),
                 };
-                Ok((stored, info))
+                Ok((write.value, info))
             })
             .await?;
         let version = version_string(&info.version);
-        this.written(&lua, &key, Some((stored, info)))?;
+        this.written(&lua, &key, Some((KnownValue::Written(written), info)))?;
         Ok(version)
     }
 
@@ -614,14 +615,15 @@ impl DataStore {
                 })
                 .await?;
             if let Some(version) = written {
-                let stored = codec::decode(&write.value)?;
+                let value = KnownValue::Written(write.value);
+                let returned = value.to_lua(&lua)?;
                 let info = KeyInfo {
                     version,
                     user_ids: write.user_ids.into(),
                     metadata: write.metadata.into(),
                 };
-                this.written(&lua, &key, Some((stored.clone(), info.clone())))?;
-                return (codec::to_lua(&lua, &stored)?, info).into_lua_multi(&lua);
+                this.written(&lua, &key, Some((value, info.clone())))?;
+                return (returned, info).into_lua_multi(&lua);
             }
         }
     }
@@ -670,7 +672,10 @@ impl DataStore {
         this.written(
             &lua,
             &cache_key,
-            Some((Stored::Number(value as f64), info.clone())),
+            Some((
+                KnownValue::Decoded(Stored::Number(value as f64)),
+                info.clone(),
+            )),
         )?;
         (value as f64, info).into_lua_multi(&lua)
     }
@@ -840,7 +845,7 @@ impl DataStore {
                 operations::remove(backend.as_ref(), &remove_key).await
             })
             .await?
-            .map(|(value, entry)| (value, KeyInfo::from_entry(&entry)));
+            .map(|(value, entry)| (KnownValue::Decoded(value), KeyInfo::from_entry(&entry)));
         this.written(&lua, &key, None)?;
         value_and_info(&lua, removed.as_ref())
     }
@@ -877,10 +882,10 @@ pub(crate) fn use_cache(options: &Value) -> mlua::Result<bool> {
 type ListVersionsArgs = (Value, Value, Option<f64>, Option<f64>, Option<f64>);
 
 /// The value and key info of a version, or `None` when it is missing or a tombstone.
-fn live_value(entry: Option<Entry>) -> Result<Option<(Stored, KeyInfo)>, OperationError> {
+fn live_value(entry: Option<Entry>) -> Result<Option<(KnownValue, KeyInfo)>, OperationError> {
     match entry {
         Some(entry) if !entry.deleted => Ok(Some((
-            codec::decode(&entry.value)?,
+            KnownValue::Decoded(codec::decode(&entry.value)?),
             KeyInfo::from_entry(&entry),
         ))),
         _ => Ok(None),
@@ -1049,9 +1054,9 @@ pub(crate) fn codec_type_name(value: &Value) -> String {
     }
 }
 
-fn value_and_info(lua: &Lua, found: Option<&(Stored, KeyInfo)>) -> mlua::Result<MultiValue> {
+fn value_and_info(lua: &Lua, found: Option<&(KnownValue, KeyInfo)>) -> mlua::Result<MultiValue> {
     match found {
-        Some((value, info)) => (codec::to_lua(lua, value)?, info.clone()).into_lua_multi(lua),
+        Some((value, info)) => (value.to_lua(lua)?, info.clone()).into_lua_multi(lua),
         None => (Value::Nil, Value::Nil).into_lua_multi(lua),
     }
 }
@@ -1232,6 +1237,28 @@ impl UserData for DataStore {
                 .into(),
             )
         });
+    }
+}
+
+/// A key's value as this server knows it, in its read cache and for `OnUpdate`: decoded when
+/// it came from the database, still the JSON text this server wrote when it came from its own
+/// write. A script rarely reads back what it just saved, so a write does not pay for a decoded
+/// copy that the cache would most likely drop unread.
+#[derive(Debug)]
+pub(crate) enum KnownValue {
+    /// Read from the database, decoded on the database runtime.
+    Decoded(Stored),
+    /// Written by this server: the stored JSON, decoded if a script reads it.
+    Written(String),
+}
+
+impl KnownValue {
+    /// A fresh Luau value for a script.
+    pub(crate) fn to_lua(&self, lua: &Lua) -> mlua::Result<Value> {
+        match self {
+            Self::Decoded(stored) => codec::to_lua(lua, stored),
+            Self::Written(text) => codec::to_lua(lua, &codec::decode(text)?),
+        }
     }
 }
 

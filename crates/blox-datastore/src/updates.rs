@@ -18,8 +18,8 @@ use mlua::{IntoLuaMulti, Lua, Value};
 use tokio::sync::oneshot;
 
 use crate::backend::{Entry, EntryKey, StoreKind};
-use crate::codec::{self, Stored};
-use crate::service::{DataStoreContext, KeyInfo};
+use crate::codec;
+use crate::service::{DataStoreContext, KeyInfo, KnownValue};
 
 /// How often other servers' writes are looked for (Roblox: once per minute).
 pub const POLL_INTERVAL: Duration = Duration::from_secs(60);
@@ -66,7 +66,7 @@ impl UpdateWatch {
         &self,
         lua: &Lua,
         key: &EntryKey,
-        state: Option<&(Stored, KeyInfo)>,
+        state: Option<&(KnownValue, KeyInfo)>,
     ) -> mlua::Result<()> {
         let signal = self.signals.borrow().get(key).cloned();
         let Some(signal) = signal.filter(Signal::is_observed) else {
@@ -79,11 +79,9 @@ impl UpdateWatch {
         let args = match state {
             // Ordered stores have no key info: their callbacks get the value alone.
             Some((value, _)) if key.kind == StoreKind::Ordered => {
-                codec::to_lua(lua, value)?.into_lua_multi(lua)?
+                value.to_lua(lua)?.into_lua_multi(lua)?
             }
-            Some((value, info)) => {
-                (codec::to_lua(lua, value)?, info.clone()).into_lua_multi(lua)?
-            }
+            Some((value, info)) => (value.to_lua(lua)?, info.clone()).into_lua_multi(lua)?,
             None => (Value::Nil, Value::Nil).into_lua_multi(lua)?,
         };
         signal.fire(lua, args)
@@ -161,7 +159,7 @@ impl UpdateWatch {
             }
             let state = match live {
                 Some(entry) => match codec::decode(&entry.value) {
-                    Ok(value) => Some((value, KeyInfo::from_entry(&entry))),
+                    Ok(value) => Some((KnownValue::Decoded(value), KeyInfo::from_entry(&entry))),
                     Err(_) => continue,
                 },
                 None => None,
