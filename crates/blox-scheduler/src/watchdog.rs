@@ -81,6 +81,22 @@ impl Watchdog {
     }
 }
 
+impl Drop for Watchdog {
+    /// Lets go of the thread-local's reference, so the watchdog thread ends with its VM.
+    fn drop(&mut self) {
+        // At thread exit the thread-local may already be gone; then there is nothing to drop.
+        let _ = WATCHED.try_with(|watched| {
+            let mut watched = watched.borrow_mut();
+            if watched
+                .as_ref()
+                .is_some_and(|watched| Arc::ptr_eq(watched, &self.shared))
+            {
+                *watched = None;
+            }
+        });
+    }
+}
+
 thread_local! {
     /// The watchdog of the VM whose resumption last started on this thread: the one whose
     /// Luau code the interrupt can be running.
@@ -134,5 +150,29 @@ fn watch(shared: &Weak<Shared>, tick: Duration) {
         }
         drop(shared);
         std::thread::sleep(tick);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dropped_watchdog_leaves_nothing_alive_behind_it() {
+        let lua = Lua::new();
+        let watchdog = Watchdog::start(&lua, Duration::from_secs(10));
+        let shared = Arc::downgrade(&watchdog.shared);
+        watchdog.enter();
+        watchdog.leave();
+        drop(watchdog);
+        // The watchdog thread holds the state for an instant on each tick; wait that out.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while shared.upgrade().is_some() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            shared.upgrade().is_none(),
+            "the thread-local still holds the watchdog's state, so its thread never ends"
+        );
     }
 }
