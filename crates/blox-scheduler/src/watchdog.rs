@@ -118,12 +118,17 @@ fn install_interrupt(lua: &Lua) {
 #[allow(unsafe_code)]
 unsafe extern "C-unwind" fn interrupt(state: *mut ffi::lua_State, gc: c_int) {
     // A garbage-collection step calls the interrupt too, where an error cannot be raised.
+    // Nothing here may panic: a panic cannot unwind through Luau's frames.
     let expired = gc < 0
-        && WATCHED.with_borrow(|watched| {
-            watched
-                .as_ref()
-                .is_some_and(|watched| watched.expired.load(Ordering::Relaxed))
-        });
+        && WATCHED
+            .try_with(|watched| {
+                watched.try_borrow().is_ok_and(|watched| {
+                    watched
+                        .as_ref()
+                        .is_some_and(|watched| watched.expired.load(Ordering::Relaxed))
+                })
+            })
+            .unwrap_or(false);
     if expired {
         // SAFETY: Luau calls the interrupt at a safepoint of code running on `state`, where
         // raising an error is allowed; the error unwinds through this frame, which owns
