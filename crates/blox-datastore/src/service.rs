@@ -9,7 +9,7 @@
 //! call and hang if it returns without yielding. The VM thread only converts values; it never
 //! waits on the database.
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
 use std::rc::Rc;
@@ -544,7 +544,7 @@ impl DataStore {
             })
             .await?;
         let version = version_string(&info.version);
-        this.written(&lua, &key, Some((KnownValue::Written(written), info)))?;
+        this.written(&lua, &key, Some((KnownValue::written(written), info)))?;
         Ok(version)
     }
 
@@ -615,7 +615,7 @@ impl DataStore {
                 })
                 .await?;
             if let Some(version) = written {
-                let value = KnownValue::Written(write.value);
+                let value = KnownValue::written(write.value);
                 let returned = value.to_lua(&lua)?;
                 let info = KeyInfo {
                     version,
@@ -1243,22 +1243,40 @@ impl UserData for DataStore {
 /// A key's value as this server knows it, in its read cache and for `OnUpdate`: decoded when
 /// it came from the database, still the JSON text this server wrote when it came from its own
 /// write. A script rarely reads back what it just saved, so a write does not pay for a decoded
-/// copy that the cache would most likely drop unread.
+/// copy that the cache would most likely drop unread; one that is read is decoded once.
 #[derive(Debug)]
 pub(crate) enum KnownValue {
     /// Read from the database, decoded on the database runtime.
     Decoded(Stored),
-    /// Written by this server: the stored JSON, decoded if a script reads it.
-    Written(String),
+    /// Written by this server: the stored JSON, decoded the first time a script reads it.
+    Written {
+        text: String,
+        decoded: OnceCell<Stored>,
+    },
 }
 
 impl KnownValue {
+    /// The value this server just wrote as `text`.
+    pub(crate) fn written(text: String) -> Self {
+        Self::Written {
+            text,
+            decoded: OnceCell::new(),
+        }
+    }
+
     /// A fresh Luau value for a script.
     pub(crate) fn to_lua(&self, lua: &Lua) -> mlua::Result<Value> {
-        match self {
-            Self::Decoded(stored) => codec::to_lua(lua, stored),
-            Self::Written(text) => codec::to_lua(lua, &codec::decode(text)?),
-        }
+        let stored = match self {
+            Self::Decoded(stored) => stored,
+            Self::Written { text, decoded } => match decoded.get() {
+                Some(stored) => stored,
+                None => {
+                    let stored = codec::decode(text)?;
+                    decoded.get_or_init(|| stored)
+                }
+            },
+        };
+        codec::to_lua(lua, stored)
     }
 }
 

@@ -2,8 +2,9 @@
 //!
 //! Two runtimes, on purpose. The Luau VM is single-threaded, so it runs on the calling thread
 //! under a Tokio current-thread runtime. Database work runs on a separate multi-thread runtime
-//! that owns the database connections: measured here, spawning the query there instead of polling it on
-//! the VM thread doubles PostgreSQL throughput from Luau, and the VM never blocks on I/O.
+//! that owns the database connections: measured here, spawning the query there instead of
+//! polling it on the VM thread doubles PostgreSQL throughput from Luau, and the VM never
+//! blocks on I/O.
 
 use std::future::Future;
 use std::path::PathBuf;
