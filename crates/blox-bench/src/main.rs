@@ -209,20 +209,25 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "| op | coroutines | Luau ops/s | Luau p50 ms | Luau p99 ms | sqlx ops/s | sqlx p50 ms | sqlx p99 ms | Luau/sqlx | timer lag p99 ms | timer lag max ms | sqlx CPU µs/op | Luau CPU µs/op | VM thread µs/op | VM thread runs/op |"
+        "| op | coroutines | Luau ops/s | Luau p50 ms | Luau p99 ms | sqlx ops/s | sqlx p50 ms | sqlx p99 ms | Luau/sqlx | timer lag p99 ms | timer lag max ms | sqlx CPU µs/op | Luau CPU µs/op | VM thread µs/op | VM thread runs/op | Luau reads/statement |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &op in &args.ops {
         for &concurrency in &args.concurrency {
             let mut luau_runs = Vec::new();
             let mut sqlx_runs = Vec::new();
+            let (mut luau_reads, mut luau_read_statements) = (0, 0);
             for _ in 0..args.rounds.max(1) {
                 sqlx_runs.push(CpuUse::of(|| {
                     runtime.block_on(raw.run(op, concurrency, args.seconds))
                 })?);
+                let before = host.backend().read_statistics();
                 luau_runs.push(CpuUse::of(|| {
                     run_luau(&host, op, concurrency, args.seconds)
                 })?);
+                let after = host.backend().read_statistics();
+                luau_reads += after.reads - before.reads;
+                luau_read_statements += after.statements - before.statements;
             }
             let ((luau, lag_p99, lag_max), luau_cpu) =
                 median_by_rate(luau_runs, |run| run.0.0.rate);
@@ -230,7 +235,7 @@ fn main() -> anyhow::Result<()> {
             let luau_ops = luau.rate * luau_cpu.elapsed.as_secs_f64();
             let sqlx_ops = sqlx.rate * sqlx_cpu.elapsed.as_secs_f64();
             println!(
-                "| {op:?} | {concurrency} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {:.2} |",
+                "| {op:?} | {concurrency} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {:.2} | {:.1} |",
                 luau.rate,
                 luau.p50_ms,
                 luau.p99_ms,
@@ -244,6 +249,7 @@ fn main() -> anyhow::Result<()> {
                 luau_cpu.process.as_secs_f64() * 1e6 / luau_ops,
                 luau_cpu.this_thread.as_secs_f64() * 1e6 / luau_ops,
                 luau_cpu.this_thread_runs as f64 / luau_ops,
+                luau_reads as f64 / luau_read_statements.max(1) as f64,
             );
         }
     }

@@ -449,7 +449,7 @@ pub(crate) fn push_decimal(out: &mut String, value: u64, width: usize) {
 
 /// Writes `text` as a JSON string. Only ASCII bytes are ever escaped, so the text between them
 /// is copied as whole runs, which keeps every multi-byte character intact.
-fn write_string(out: &mut String, text: &str) {
+pub(crate) fn write_string(out: &mut String, text: &str) {
     out.push('"');
     let mut run_start = 0;
     for (at, byte) in text.bytes().enumerate() {

@@ -89,6 +89,88 @@ async fn keys_are_isolated(backend: Arc<dyn Backend>) {
     );
 }
 
+/// Reads that arrive together share statements (`backend::batch`); each still gets exactly
+/// its own key's row, across universes, kinds, stores and scopes, for keys read twice in one
+/// batch, for tombstones, for keys never written and for keys that need escaping.
+async fn reads_that_share_a_statement_each_get_their_own_row(backend: Arc<dyn Backend>) {
+    let mut keys = Vec::new();
+    for index in 0..40 {
+        let name = format!("k{index}");
+        keys.push(match index % 5 {
+            0 => key(&name),
+            1 => EntryKey {
+                universe: 2,
+                ..key(&name)
+            },
+            // An ordered store holds integers only, so never a tombstone's value.
+            2 => EntryKey {
+                kind: if index % 4 == 1 {
+                    StoreKind::Standard
+                } else {
+                    StoreKind::Ordered
+                },
+                store: "Other \"store\"".to_owned(),
+                ..key(&name)
+            },
+            3 => EntryKey {
+                scope: "scope\u{1}\u{2}é".to_owned(),
+                ..key(&name)
+            },
+            _ => key(&format!("{name}\\\n\t✓")),
+        });
+    }
+    for (index, entry_key) in keys.iter().enumerate() {
+        match index % 4 {
+            0 => continue,
+            1 => {
+                backend.write(entry_key, &write("0", 1)).await.unwrap();
+                backend
+                    .write(entry_key, &Write::tombstone(2))
+                    .await
+                    .unwrap();
+            }
+            _ => {
+                backend
+                    .write(entry_key, &write(&index.to_string(), 1))
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    let expected = |index: usize| match index % 4 {
+        0 => None,
+        1 => Some(("null".to_owned(), true, 2)),
+        _ => Some((index.to_string(), false, 1)),
+    };
+    let before = backend.read_statistics();
+    let mut reads = tokio::task::JoinSet::new();
+    for round in 0..8 {
+        for (index, entry_key) in keys.iter().enumerate() {
+            let backend = Arc::clone(&backend);
+            let entry_key = entry_key.clone();
+            reads.spawn(async move {
+                let entry = backend.read(&entry_key).await.unwrap();
+                (round, index, entry)
+            });
+        }
+    }
+    while let Some(read) = reads.join_next().await {
+        let (round, index, entry) = read.unwrap();
+        let got = entry.map(|entry| (entry.value, entry.deleted, entry.version.seq));
+        assert_eq!(got, expected(index), "round {round}, key {:?}", keys[index]);
+    }
+    let after = backend.read_statistics();
+    let (reads, statements) = (
+        after.reads - before.reads,
+        after.statements - before.statements,
+    );
+    assert_eq!(reads, 8 * keys.len() as u64);
+    assert!(
+        statements < reads,
+        "{reads} concurrent reads never shared a statement"
+    );
+}
+
 async fn compare_and_set_detects_conflicts(backend: Arc<dyn Backend>) {
     let created = backend
         .write_if(&key("k"), None, 10, &write("1", 10))
@@ -687,6 +769,7 @@ macro_rules! conformance {
 
 conformance!(
     reads_what_was_written,
+    reads_that_share_a_statement_each_get_their_own_row,
     keys_are_isolated,
     compare_and_set_detects_conflicts,
     tombstones_keep_the_sequence,

@@ -12,6 +12,7 @@
 //! many servers). sqlx's `AnyPool` is not used: it has no common ground for the two dialects'
 //! upserts and types. One conformance suite (`tests/conformance.rs`) runs against both.
 
+pub mod batch;
 pub mod connections;
 pub mod postgres;
 pub mod sqlite;
@@ -314,6 +315,10 @@ pub enum BackendError {
     /// The database cannot be reached or rejected a statement.
     #[error("database error")]
     Database(#[from] sqlx::Error),
+    /// The statement that read this key together with others ([`batch`]) failed; every read
+    /// of the batch shares its error.
+    #[error("database error")]
+    BatchedRead(#[source] Arc<sqlx::Error>),
     /// The schema migrations failed.
     #[error("database migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -324,6 +329,9 @@ pub enum BackendError {
 pub trait Backend: Send + Sync + fmt::Debug {
     /// The current row of `key`, tombstones included; `None` if it was never written.
     async fn read(&self, key: &EntryKey) -> Result<Option<Entry>, BackendError>;
+
+    /// How this backend's point reads ([`Backend::read`]) shared statements so far.
+    fn read_statistics(&self) -> batch::ReadStatistics;
 
     /// Writes unconditionally; the last writer wins. Returns the new version.
     async fn write(&self, key: &EntryKey, write: &Write) -> Result<Version, BackendError>;
@@ -448,6 +456,10 @@ pub struct Statements {
     /// Reads a key's row. Returns value, user_ids, metadata, version_seq, created_ms,
     /// updated_ms, deleted.
     pub read: &'static str,
+    /// Reads the rows of several keys, bound by the dialect's `bind_keys`: the columns of
+    /// `read`, then the key's position among those bound (from 0); no row for a key never
+    /// written, one row for each time a key is bound.
+    pub read_many: &'static str,
     /// Upserts a key (value, user_ids, metadata, now_ms, deleted), returning version_seq,
     /// created_ms, updated_ms.
     pub write: &'static str,
@@ -548,6 +560,30 @@ where
         },
         deleted: row.try_get(6)?,
     })
+}
+
+/// The entries of a `read_many` statement's rows, placed at the positions of their keys among
+/// `count` keys read.
+fn entries_by_position<R>(rows: &[R], count: usize) -> Result<Vec<Option<Entry>>, sqlx::Error>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    String: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    bool: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let mut entries: Vec<Option<Entry>> = (0..count).map(|_| None).collect();
+    for row in rows {
+        let position: i64 = row.try_get(7)?;
+        let slot = usize::try_from(position)
+            .ok()
+            .and_then(|position| entries.get_mut(position))
+            .ok_or_else(|| {
+                sqlx::Error::Protocol(format!("read_many returned key position {position}"))
+            })?;
+        *slot = Some(entry_from_row(row)?);
+    }
+    Ok(entries)
 }
 
 fn version_from_row<R>(row: &R) -> Result<Version, sqlx::Error>
@@ -655,21 +691,23 @@ where
 /// Implements [`Backend`] for a dialect from the methods that hand out its reading and writing
 /// connections, and its [`Statements`].
 macro_rules! sql_backend {
-    ($backend:ty, $db:ty, $statements:expr, read_connection = $read:ident, write_connection = $write:ident) => {
+    ($backend:ty, $db:ty, $statements:expr, bind_keys = $bind_keys:path, read_connection = $read:ident, write_connection = $write:ident) => {
         #[async_trait::async_trait]
         impl $crate::backend::Backend for $backend {
             async fn read(
                 &self,
                 key: &$crate::backend::EntryKey,
             ) -> Result<Option<$crate::backend::Entry>, $crate::backend::BackendError> {
-                let query = $crate::backend::bind_key(sqlx::query::<$db>($statements.read), key);
-                let mut connection = self.$read().await?;
-                let done = query.fetch_optional(&mut *connection).await;
-                let row = connection.checked(done)?;
-                Ok(row
-                    .as_ref()
-                    .map($crate::backend::entry_from_row)
-                    .transpose()?)
+                let batch = match self.reads.enter(key).await {
+                    $crate::backend::batch::Entered::Answered(answer) => return answer,
+                    $crate::backend::batch::Entered::Lead(batch) => batch,
+                };
+                let read = self.read_batch(&batch).await;
+                batch.finish(read)
+            }
+
+            fn read_statistics(&self) -> $crate::backend::batch::ReadStatistics {
+                self.reads.statistics()
             }
 
             async fn write(
@@ -925,6 +963,31 @@ macro_rules! sql_backend {
         }
 
         impl $backend {
+            /// Reads a batch's keys: a lone key with the single-key statement, more with one
+            /// statement for all.
+            async fn read_batch(
+                &self,
+                batch: &$crate::backend::batch::Batch<'_>,
+            ) -> Result<Vec<Option<$crate::backend::Entry>>, sqlx::Error> {
+                let mut connection = self.$read().await?;
+                if batch.key_count() == 1 {
+                    let key = batch.keys().next().expect("a batch holds its leader's key");
+                    let query =
+                        $crate::backend::bind_key(sqlx::query::<$db>($statements.read), key);
+                    let done = query.fetch_optional(&mut *connection).await;
+                    let row = connection.checked(done)?;
+                    return Ok(vec![
+                        row.as_ref()
+                            .map($crate::backend::entry_from_row)
+                            .transpose()?,
+                    ]);
+                }
+                let query = $bind_keys(sqlx::query::<$db>($statements.read_many), batch);
+                let done = query.fetch_all(&mut *connection).await;
+                let rows = connection.checked(done)?;
+                $crate::backend::entries_by_position(&rows, batch.key_count())
+            }
+
             /// The latest version of `key` if `wanted` picks it, else the retained version
             /// `statement` selects with `argument` (a sequence or a time).
             async fn latest_or_retained(

@@ -6,11 +6,13 @@
 //! Migrations take sqlx's advisory lock, so servers that start together apply them once.
 
 use std::str::FromStr as _;
+use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPoolOptions};
 use sqlx::{ConnectOptions as _, Connection as _};
 
+use super::batch::{Batch, ReadBatcher};
 use super::connections::{ConnectionSet, Lease, SetLimits};
 use super::{BackendError, OpenOptions, Statements, sql_backend};
 
@@ -20,6 +22,17 @@ pub const STATEMENTS: Statements = Statements {
     read: "SELECT value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted \
            FROM blox_entries WHERE universe_id = $1 AND store_kind = $2 AND store_name = $3 \
            AND scope = $4 AND entry_key = $5",
+    // The key columns arrive as five arrays; each key is looked up on its own, by primary
+    // key, whatever the planner knows of the table. The arrays' text takes the columns'
+    // collation explicitly.
+    read_many: "SELECT e.value, e.user_ids, e.metadata, e.version_seq, e.created_ms, \
+           e.updated_ms, e.deleted, q.position - 1 \
+           FROM unnest($1::int8[], $2::int2[], $3::text[], $4::text[], $5::text[]) \
+           WITH ORDINALITY AS q(universe_id, store_kind, store_name, scope, entry_key, position) \
+           CROSS JOIN LATERAL (SELECT value, user_ids, metadata, version_seq, created_ms, \
+           updated_ms, deleted FROM blox_entries b WHERE b.universe_id = q.universe_id \
+           AND b.store_kind = q.store_kind AND b.store_name = q.store_name COLLATE \"C\" \
+           AND b.scope = q.scope COLLATE \"C\" AND b.entry_key = q.entry_key COLLATE \"C\") e",
     write: "INSERT INTO blox_entries (universe_id, store_kind, store_name, scope, entry_key, \
             value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted, keep_versions) \
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9, $9, $10, $11) \
@@ -96,6 +109,8 @@ pub const STATEMENTS: Statements = Statements {
 #[derive(Debug, Clone)]
 pub struct PostgresBackend {
     connections: ConnectionSet<PgConnection>,
+    /// Point reads that arrive together share a statement.
+    reads: Arc<ReadBatcher>,
     /// Every write asks to keep the version it supersedes ([`OpenOptions::keep_all_versions`]).
     keep_all_versions: bool,
 }
@@ -155,6 +170,7 @@ impl PostgresBackend {
         let connections = ConnectionSet::connect(connect, limits).await?;
         Ok(Self {
             connections,
+            reads: Arc::new(ReadBatcher::for_connections(limits.size)),
             keep_all_versions: options.keep_all_versions,
         })
     }
@@ -165,10 +181,37 @@ impl PostgresBackend {
     }
 }
 
+/// Binds the keys of a `read_many` statement as five arrays, one per key column.
+fn bind_keys<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, PgArguments>,
+    batch: &Batch<'_>,
+) -> sqlx::query::Query<'q, sqlx::Postgres, PgArguments> {
+    let count = batch.key_count();
+    let mut universes = Vec::with_capacity(count);
+    let mut kinds = Vec::with_capacity(count);
+    let mut stores = Vec::with_capacity(count);
+    let mut scopes = Vec::with_capacity(count);
+    let mut names = Vec::with_capacity(count);
+    for key in batch.keys() {
+        universes.push(key.universe);
+        kinds.push(key.kind as i16);
+        stores.push(key.store.clone());
+        scopes.push(key.scope.clone());
+        names.push(key.key.clone());
+    }
+    query
+        .bind(universes)
+        .bind(kinds)
+        .bind(stores)
+        .bind(scopes)
+        .bind(names)
+}
+
 sql_backend!(
     PostgresBackend,
     sqlx::Postgres,
     STATEMENTS,
+    bind_keys = bind_keys,
     read_connection = connection,
     write_connection = connection
 );

@@ -9,15 +9,20 @@
 //! writers queue for the lock, and the compare-and-set writes keep read-modify-write
 //! operations exact.
 
+use std::fmt::Write as _;
 use std::path::Path;
 use std::str::FromStr as _;
+use std::sync::Arc;
 
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+    SqliteArguments, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions,
+    SqliteSynchronous,
 };
 
+use super::batch::{Batch, ReadBatcher};
 use super::connections::{ConnectionSet, Lease, SetLimits};
 use super::{BackendError, OpenOptions, Statements, sql_backend};
+use crate::codec;
 
 /// Reading connections per server: enough for the two cores of a small machine to keep busy.
 const READERS: usize = 4;
@@ -56,6 +61,13 @@ pub const STATEMENTS: Statements = Statements {
     read: "SELECT value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted \
            FROM blox_entries WHERE universe_id = ?1 AND store_kind = +?2 AND store_name = ?3 \
            AND scope = ?4 AND entry_key = ?5",
+    // One JSON array of key tuples; each key is looked up on its own, by primary key. Its
+    // store kind is no bound value, so the ordered index cannot make it re-prepare.
+    read_many: "SELECT e.value, e.user_ids, e.metadata, e.version_seq, e.created_ms, \
+           e.updated_ms, e.deleted, q.key FROM json_each(?1) AS q JOIN blox_entries AS e \
+           ON e.universe_id = q.value ->> 0 AND e.store_kind = q.value ->> 1 \
+           AND e.store_name = q.value ->> 2 AND e.scope = q.value ->> 3 \
+           AND e.entry_key = q.value ->> 4",
     write: "INSERT INTO blox_entries (universe_id, store_kind, store_name, scope, entry_key, \
             value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted, keep_versions) \
             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1, ?9, ?9, ?10, ?11) \
@@ -144,6 +156,8 @@ pub fn set_limits(size: usize, timeout: std::time::Duration) -> SetLimits {
 #[derive(Debug, Clone)]
 pub struct SqliteBackend {
     readers: ConnectionSet<SqliteConnection>,
+    /// Point reads that arrive together share a statement.
+    reads: Arc<ReadBatcher>,
     writer: ConnectionSet<SqliteConnection>,
     /// Every write asks to keep the version it supersedes ([`OpenOptions::keep_all_versions`]).
     keep_all_versions: bool,
@@ -203,6 +217,7 @@ impl SqliteBackend {
         drop(lock);
         Ok(Self {
             readers,
+            reads: Arc::new(ReadBatcher::for_connections(READERS)),
             writer,
             keep_all_versions: options.keep_all_versions,
         })
@@ -217,10 +232,35 @@ impl SqliteBackend {
     }
 }
 
+/// Binds the keys of a `read_many` statement as one JSON array of
+/// `[universe, kind, store, scope, key]` arrays, which the statement walks with `json_each`.
+fn bind_keys<'q>(
+    query: sqlx::query::Query<'q, sqlx::Sqlite, SqliteArguments>,
+    batch: &Batch<'_>,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, SqliteArguments> {
+    let mut json = String::with_capacity(batch.key_count() * 64);
+    json.push('[');
+    for (position, key) in batch.keys().enumerate() {
+        if position > 0 {
+            json.push(',');
+        }
+        let _ = write!(json, "[{},{},", key.universe, key.kind as i16);
+        codec::write_string(&mut json, &key.store);
+        json.push(',');
+        codec::write_string(&mut json, &key.scope);
+        json.push(',');
+        codec::write_string(&mut json, &key.key);
+        json.push(']');
+    }
+    json.push(']');
+    query.bind(json)
+}
+
 sql_backend!(
     SqliteBackend,
     sqlx::Sqlite,
     STATEMENTS,
+    bind_keys = bind_keys,
     read_connection = read_connection,
     write_connection = write_connection
 );
