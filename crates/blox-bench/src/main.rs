@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use blox::Host;
 use blox_datastore::DataStoreContext;
+use blox_datastore::backend::batch::BatchStatistics;
 use blox_datastore::backend::connections::ConnectionSet;
 use blox_datastore::backend::{
     EntryKey, OpenOptions, Statements, StoreKind, Write, postgres, sqlite,
@@ -209,25 +210,29 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "| op | coroutines | Luau ops/s | Luau p50 ms | Luau p99 ms | sqlx ops/s | sqlx p50 ms | sqlx p99 ms | Luau/sqlx | timer lag p99 ms | timer lag max ms | sqlx CPU µs/op | Luau CPU µs/op | VM thread µs/op | VM thread runs/op | Luau reads/statement |"
+        "| op | coroutines | Luau ops/s | Luau p50 ms | Luau p99 ms | sqlx ops/s | sqlx p50 ms | sqlx p99 ms | Luau/sqlx | timer lag p99 ms | timer lag max ms | sqlx CPU µs/op | Luau CPU µs/op | VM thread µs/op | VM thread runs/op | Luau reads/statement | Luau writes/transaction |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for &op in &args.ops {
         for &concurrency in &args.concurrency {
             let mut luau_runs = Vec::new();
             let mut sqlx_runs = Vec::new();
-            let (mut luau_reads, mut luau_read_statements) = (0, 0);
+            let mut reads = BatchTally::default();
+            let mut writes = BatchTally::default();
             for _ in 0..args.rounds.max(1) {
                 sqlx_runs.push(CpuUse::of(|| {
                     runtime.block_on(raw.run(op, concurrency, args.seconds))
                 })?);
-                let before = host.backend().read_statistics();
+                let backend = host.backend();
+                let (reads_before, writes_before) =
+                    (backend.read_statistics(), backend.write_statistics());
                 luau_runs.push(CpuUse::of(|| {
                     run_luau(&host, op, concurrency, args.seconds)
                 })?);
-                let after = host.backend().read_statistics();
-                luau_reads += after.reads - before.reads;
-                luau_read_statements += after.statements - before.statements;
+                reads.add_since(reads_before, backend.read_statistics());
+                writes.add_since(writes_before, backend.write_statistics());
             }
             let ((luau, lag_p99, lag_max), luau_cpu) =
                 median_by_rate(luau_runs, |run| run.0.0.rate);
@@ -235,7 +240,7 @@ fn main() -> anyhow::Result<()> {
             let luau_ops = luau.rate * luau_cpu.elapsed.as_secs_f64();
             let sqlx_ops = sqlx.rate * sqlx_cpu.elapsed.as_secs_f64();
             println!(
-                "| {op:?} | {concurrency} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {:.2} | {:.1} |",
+                "| {op:?} | {concurrency} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {:.2} | {} | {} |",
                 luau.rate,
                 luau.p50_ms,
                 luau.p99_ms,
@@ -249,12 +254,37 @@ fn main() -> anyhow::Result<()> {
                 luau_cpu.process.as_secs_f64() * 1e6 / luau_ops,
                 luau_cpu.this_thread.as_secs_f64() * 1e6 / luau_ops,
                 luau_cpu.this_thread_runs as f64 / luau_ops,
-                luau_reads as f64 / luau_read_statements.max(1) as f64,
+                reads.mean_batch(),
+                writes.mean_batch(),
             );
         }
     }
     host.shutdown(Duration::from_secs(5));
     Ok(())
+}
+
+/// Requests and the batches that served them, over the Luau rounds of one cell.
+#[derive(Debug, Default)]
+struct BatchTally {
+    requests: u64,
+    batches: u64,
+}
+
+impl BatchTally {
+    /// Adds what a backend served between two readings of its statistics.
+    fn add_since(&mut self, before: BatchStatistics, after: BatchStatistics) {
+        self.requests += after.requests - before.requests;
+        self.batches += after.batches - before.batches;
+    }
+
+    /// Requests per batch, or a dash for a cell that made none.
+    fn mean_batch(&self) -> String {
+        if self.batches == 0 {
+            "-".to_owned()
+        } else {
+            format!("{:.1}", self.requests as f64 / self.batches as f64)
+        }
+    }
 }
 
 /// CPU time spent during one measurement, read from Linux's per-thread scheduler statistics.

@@ -161,14 +161,129 @@ async fn reads_that_share_a_statement_each_get_their_own_row(backend: Arc<dyn Ba
     }
     let after = backend.read_statistics();
     let (reads, statements) = (
-        after.reads - before.reads,
-        after.statements - before.statements,
+        after.requests - before.requests,
+        after.batches - before.batches,
     );
     assert_eq!(reads, 8 * keys.len() as u64);
     assert!(
         statements < reads,
         "{reads} concurrent reads never shared a statement"
     );
+}
+
+/// Writes that arrive together share statements (`backend::batch`); each still gets a version
+/// of its own, in one sequence per key, and the key ends as the writes, replayed in version
+/// order, leave it: the last write's value, and a creation time that a removal resets.
+async fn writes_that_share_a_statement_each_get_their_own_version(backend: Arc<dyn Backend>) {
+    const ROUNDS: i64 = 8;
+    const REMOVAL_ROUND: i64 = 3;
+    let keys: Vec<EntryKey> = (0..40)
+        .map(|index| match index % 3 {
+            0 => key(&format!("w{index}")),
+            1 => EntryKey {
+                scope: "other \"scope\"".to_owned(),
+                ..key(&format!("w{index}"))
+            },
+            _ => EntryKey {
+                universe: 2,
+                ..key(&format!("w{index}\u{1}\\"))
+            },
+        })
+        .collect();
+    let before = backend.write_statistics();
+    let mut writes = tokio::task::JoinSet::new();
+    for round in 0..ROUNDS {
+        for (index, entry_key) in keys.iter().enumerate() {
+            let backend = Arc::clone(&backend);
+            let entry_key = entry_key.clone();
+            writes.spawn(async move {
+                let now_ms = 1_000 + round;
+                let made = if round == REMOVAL_ROUND {
+                    Write::tombstone(now_ms)
+                } else {
+                    write(&format!("\"{index}-{round}\\n\""), now_ms)
+                };
+                let version = backend.write(&entry_key, &made).await.unwrap();
+                (index, made, version)
+            });
+        }
+    }
+    let mut written: Vec<Vec<(i64, Write, i64)>> = vec![Vec::new(); keys.len()];
+    while let Some(write) = writes.join_next().await {
+        let (index, made, version) = write.unwrap();
+        assert_eq!(version.updated_ms, made.now_ms);
+        written[index].push((version.seq, made, version.created_ms));
+    }
+    for (entry_key, mut versions) in keys.iter().zip(written) {
+        versions.sort_by_key(|(seq, _, _)| *seq);
+        let seqs: Vec<i64> = versions.iter().map(|(seq, _, _)| *seq).collect();
+        assert_eq!(seqs, (1..=ROUNDS).collect::<Vec<_>>(), "{entry_key:?}");
+        let mut created = None;
+        for (seq, made, created_ms) in &versions {
+            let replayed = *created.get_or_insert(made.now_ms);
+            assert_eq!(*created_ms, replayed, "{entry_key:?} version {seq}");
+            created = (!made.deleted).then_some(replayed);
+        }
+        let (_, last, last_created) = versions.pop().unwrap();
+        let entry = backend.read(entry_key).await.unwrap().unwrap();
+        assert_eq!(
+            (entry.value, entry.deleted, entry.version.seq),
+            (last.value, last.deleted, ROUNDS)
+        );
+        assert_eq!(entry.version.created_ms, last_created);
+        assert_eq!(
+            (entry.user_ids, entry.metadata),
+            (last.user_ids, last.metadata)
+        );
+    }
+    let after = backend.write_statistics();
+    let (requests, batches) = (
+        after.requests - before.requests,
+        after.batches - before.batches,
+    );
+    assert_eq!(requests, ROUNDS as u64 * keys.len() as u64);
+    assert!(
+        batches < requests,
+        "{requests} concurrent writes never shared a statement"
+    );
+}
+
+/// Two servers whose batches write the same keys, each in a different order, neither wait on
+/// each other in a cycle (PostgreSQL would abort one as a deadlock) nor lose a write.
+async fn servers_writing_the_same_keys_in_batches_never_deadlock(database: TestDatabase) {
+    let scratch = Scratch::new(database, "batched_writes_across_servers");
+    let servers = [
+        backend::open(&scratch.url, &OpenOptions::default())
+            .await
+            .unwrap(),
+        backend::open(&scratch.url, &OpenOptions::default())
+            .await
+            .unwrap(),
+    ];
+    let keys: Vec<EntryKey> = (0..16).map(|index| key(&format!("d{index}"))).collect();
+    let mut writes = tokio::task::JoinSet::new();
+    for round in 0..20 {
+        for (server_index, server) in servers.iter().enumerate() {
+            let mut order = keys.clone();
+            if (round + server_index) % 2 == 1 {
+                order.reverse();
+            }
+            for entry_key in order {
+                let server = Arc::clone(server);
+                writes.spawn(async move { server.write(&entry_key, &write("1", 1)).await });
+            }
+        }
+    }
+    let mut made = 0;
+    while let Some(write) = writes.join_next().await {
+        write.unwrap().expect("no batch is aborted");
+        made += 1;
+    }
+    assert_eq!(made, 20 * 2 * keys.len());
+    for entry_key in &keys {
+        let entry = servers[0].read(entry_key).await.unwrap().unwrap();
+        assert_eq!(entry.version.seq, 40, "{entry_key:?}");
+    }
 }
 
 async fn compare_and_set_detects_conflicts(backend: Arc<dyn Backend>) {
@@ -747,6 +862,13 @@ macro_rules! conformance {
             async fn keeps_every_version_when_asked() {
                 super::keeps_every_version_when_asked(super::TestDatabase::Sqlite).await;
             }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn servers_writing_the_same_keys_in_batches_never_deadlock() {
+                super::servers_writing_the_same_keys_in_batches_never_deadlock(
+                    super::TestDatabase::Sqlite,
+                )
+                .await;
+            }
         }
         mod postgres {
             $(
@@ -763,6 +885,13 @@ macro_rules! conformance {
             async fn keeps_every_version_when_asked() {
                 super::keeps_every_version_when_asked(super::TestDatabase::Postgres).await;
             }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn servers_writing_the_same_keys_in_batches_never_deadlock() {
+                super::servers_writing_the_same_keys_in_batches_never_deadlock(
+                    super::TestDatabase::Postgres,
+                )
+                .await;
+            }
         }
     };
 }
@@ -770,6 +899,7 @@ macro_rules! conformance {
 conformance!(
     reads_what_was_written,
     reads_that_share_a_statement_each_get_their_own_row,
+    writes_that_share_a_statement_each_get_their_own_version,
     keys_are_isolated,
     compare_and_set_detects_conflicts,
     tombstones_keep_the_sequence,

@@ -55,6 +55,24 @@ pub struct EntryKey {
     pub key: String,
 }
 
+impl EntryKey {
+    /// The order in which a batch of writes takes its rows' locks: the primary key's.
+    pub fn lock_order(&self, other: &Self) -> std::cmp::Ordering {
+        self.lock_tuple().cmp(&other.lock_tuple())
+    }
+
+    /// The primary key's columns, compared in [`EntryKey::lock_order`].
+    fn lock_tuple(&self) -> (i64, i16, &str, &str, &str) {
+        (
+            self.universe,
+            self.kind as i16,
+            &self.store,
+            &self.scope,
+            &self.key,
+        )
+    }
+}
+
 /// The character that starts an escape in stored names, scopes and keys.
 const ESCAPE: char = '\u{1}';
 
@@ -265,6 +283,24 @@ pub struct VersionSummary {
     pub deleted: bool,
 }
 
+/// One unconditional write waiting in a [`batch::Batcher`].
+#[derive(Debug, Clone)]
+pub struct WriteRequest {
+    /// The key written.
+    pub key: EntryKey,
+    /// What is written.
+    pub write: Write,
+}
+
+/// The point reads of one backend, batched.
+pub type ReadBatcher = batch::Batcher<EntryKey, Option<Entry>>;
+/// One statement's worth of point reads.
+pub type ReadBatch<'a> = batch::Batch<'a, EntryKey, Option<Entry>>;
+/// The unconditional writes of one backend, batched.
+pub type WriteBatcher = batch::Batcher<WriteRequest, Version>;
+/// One transaction's worth of unconditional writes.
+pub type WriteBatch<'a> = batch::Batch<'a, WriteRequest, Version>;
+
 /// What a write stores.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Write {
@@ -315,10 +351,10 @@ pub enum BackendError {
     /// The database cannot be reached or rejected a statement.
     #[error("database error")]
     Database(#[from] sqlx::Error),
-    /// The statement that read this key together with others ([`batch`]) failed; every read
-    /// of the batch shares its error.
+    /// The statement or transaction this request shared with others ([`batch`]) failed;
+    /// every request of the batch shares its error.
     #[error("database error")]
-    BatchedRead(#[source] Arc<sqlx::Error>),
+    Batched(#[source] Arc<sqlx::Error>),
     /// The schema migrations failed.
     #[error("database migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -331,7 +367,11 @@ pub trait Backend: Send + Sync + fmt::Debug {
     async fn read(&self, key: &EntryKey) -> Result<Option<Entry>, BackendError>;
 
     /// How this backend's point reads ([`Backend::read`]) shared statements so far.
-    fn read_statistics(&self) -> batch::ReadStatistics;
+    fn read_statistics(&self) -> batch::BatchStatistics;
+
+    /// How this backend's unconditional writes ([`Backend::write`]) shared transactions so
+    /// far.
+    fn write_statistics(&self) -> batch::BatchStatistics;
 
     /// Writes unconditionally; the last writer wins. Returns the new version.
     async fn write(&self, key: &EntryKey, write: &Write) -> Result<Version, BackendError>;
@@ -463,6 +503,9 @@ pub struct Statements {
     /// Upserts a key (value, user_ids, metadata, now_ms, deleted), returning version_seq,
     /// created_ms, updated_ms.
     pub write: &'static str,
+    /// `write` for several keys, none twice, bound by the dialect's `bind_writes`; returns the
+    /// five key columns, then version_seq, created_ms, updated_ms, one row per key.
+    pub write_many: &'static str,
     /// Inserts a key only if it has no row (value, user_ids, metadata, created_ms, now_ms,
     /// deleted).
     pub insert_if_absent: &'static str,
@@ -560,6 +603,59 @@ where
         },
         deleted: row.try_get(6)?,
     })
+}
+
+/// Splits a batch of writes into rounds of distinct keys, each in lock order: a key's first
+/// write goes in the first round, its second in the second, and so on, so running the rounds
+/// in order applies each key's writes in the order they were made.
+fn write_rounds(requests: &[&WriteRequest]) -> Vec<Vec<usize>> {
+    let mut seen: std::collections::HashMap<&EntryKey, usize> =
+        std::collections::HashMap::with_capacity(requests.len());
+    let mut rounds: Vec<Vec<usize>> = Vec::new();
+    for (position, request) in requests.iter().enumerate() {
+        let earlier = seen.entry(&request.key).or_insert(0);
+        if rounds.len() <= *earlier {
+            rounds.push(Vec::new());
+        }
+        rounds[*earlier].push(position);
+        *earlier += 1;
+    }
+    for round in &mut rounds {
+        round.sort_by(|&a, &b| requests[a].key.lock_order(&requests[b].key));
+    }
+    rounds
+}
+
+/// The versions a `write_many` statement returned, in the order of `writes` (distinct keys,
+/// in lock order), found by each row's key.
+fn versions_by_key<R>(rows: &[R], writes: &[&WriteRequest]) -> Result<Vec<Version>, sqlx::Error>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    String: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i16: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let mut versions: Vec<Option<Version>> = vec![None; writes.len()];
+    for row in rows {
+        let universe: i64 = row.try_get(0)?;
+        let kind: i16 = row.try_get(1)?;
+        let (store, scope, key): (String, String, String) =
+            (row.try_get(2)?, row.try_get(3)?, row.try_get(4)?);
+        let written = (universe, kind, store.as_str(), scope.as_str(), key.as_str());
+        let position = writes
+            .binary_search_by(|write| write.key.lock_tuple().cmp(&written))
+            .map_err(|_| sqlx::Error::Protocol(format!("write_many returned {written:?}")))?;
+        versions[position] = Some(Version {
+            seq: row.try_get(5)?,
+            created_ms: row.try_get(6)?,
+            updated_ms: row.try_get(7)?,
+        });
+    }
+    versions
+        .into_iter()
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| sqlx::Error::Protocol("write_many left out a write".to_owned()))
 }
 
 /// The entries of a `read_many` statement's rows, placed at the positions of their keys among
@@ -691,13 +787,14 @@ where
 /// Implements [`Backend`] for a dialect from the methods that hand out its reading and writing
 /// connections, and its [`Statements`].
 macro_rules! sql_backend {
-    ($backend:ty, $db:ty, $statements:expr, bind_keys = $bind_keys:path, read_connection = $read:ident, write_connection = $write:ident) => {
+    ($backend:ty, $db:ty, $statements:expr, bind_keys = $bind_keys:path, bind_writes = $bind_writes:path, read_connection = $read:ident, write_connection = $write:ident) => {
         #[async_trait::async_trait]
         impl $crate::backend::Backend for $backend {
             async fn read(
                 &self,
                 key: &$crate::backend::EntryKey,
             ) -> Result<Option<$crate::backend::Entry>, $crate::backend::BackendError> {
+                let key = std::borrow::Cow::Borrowed(key);
                 let batch = match self.reads.enter(key).await {
                     $crate::backend::batch::Entered::Answered(answer) => return answer,
                     $crate::backend::batch::Entered::Lead(batch) => batch,
@@ -706,8 +803,12 @@ macro_rules! sql_backend {
                 batch.finish(read)
             }
 
-            fn read_statistics(&self) -> $crate::backend::batch::ReadStatistics {
+            fn read_statistics(&self) -> $crate::backend::batch::BatchStatistics {
                 self.reads.statistics()
+            }
+
+            fn write_statistics(&self) -> $crate::backend::batch::BatchStatistics {
+                self.writes.statistics()
             }
 
             async fn write(
@@ -715,16 +816,16 @@ macro_rules! sql_backend {
                 key: &$crate::backend::EntryKey,
                 write: &$crate::backend::Write,
             ) -> Result<$crate::backend::Version, $crate::backend::BackendError> {
-                let query = $crate::backend::bind_key(sqlx::query::<$db>($statements.write), key);
-                let mut connection = self.$write().await?;
-                let done = $crate::backend::bind_payload(query, write)
-                    .bind(write.now_ms)
-                    .bind(write.deleted)
-                    .bind(self.keep_all_versions)
-                    .fetch_one(&mut *connection)
-                    .await;
-                let row = connection.checked(done)?;
-                Ok($crate::backend::version_from_row(&row)?)
+                let request = std::borrow::Cow::Owned($crate::backend::WriteRequest {
+                    key: key.clone(),
+                    write: write.clone(),
+                });
+                let batch = match self.writes.enter(request).await {
+                    $crate::backend::batch::Entered::Answered(answer) => return answer,
+                    $crate::backend::batch::Entered::Lead(batch) => batch,
+                };
+                let written = self.write_batch(&batch).await;
+                batch.finish(written)
             }
 
             async fn write_if(
@@ -967,11 +1068,14 @@ macro_rules! sql_backend {
             /// statement for all.
             async fn read_batch(
                 &self,
-                batch: &$crate::backend::batch::Batch<'_>,
+                batch: &$crate::backend::ReadBatch<'_>,
             ) -> Result<Vec<Option<$crate::backend::Entry>>, sqlx::Error> {
                 let mut connection = self.$read().await?;
-                if batch.key_count() == 1 {
-                    let key = batch.keys().next().expect("a batch holds its leader's key");
+                if batch.request_count() == 1 {
+                    let key = batch
+                        .requests()
+                        .next()
+                        .expect("a batch holds its leader's key");
                     let query =
                         $crate::backend::bind_key(sqlx::query::<$db>($statements.read), key);
                     let done = query.fetch_optional(&mut *connection).await;
@@ -985,7 +1089,65 @@ macro_rules! sql_backend {
                 let query = $bind_keys(sqlx::query::<$db>($statements.read_many), batch);
                 let done = query.fetch_all(&mut *connection).await;
                 let rows = connection.checked(done)?;
-                $crate::backend::entries_by_position(&rows, batch.key_count())
+                $crate::backend::entries_by_position(&rows, batch.request_count())
+            }
+
+            /// Runs a batch's writes: a lone write with the single-key statement, more with one
+            /// statement per round of distinct keys (a key written twice goes in two rounds, in
+            /// the order of its calls), all in one transaction. Each statement takes its rows'
+            /// locks in key order, as every batch of every server does, so two batches never
+            /// wait on each other's rows in a cycle.
+            async fn write_batch(
+                &self,
+                batch: &$crate::backend::WriteBatch<'_>,
+            ) -> Result<Vec<$crate::backend::Version>, sqlx::Error> {
+                let requests: Vec<&$crate::backend::WriteRequest> = batch.requests().collect();
+                let mut connection = self.$write().await?;
+                if let [request] = requests[..] {
+                    let done = self.upsert(&mut connection, request).await;
+                    return Ok(vec![connection.checked(done)?]);
+                }
+                let rounds = $crate::backend::write_rounds(&requests);
+                let done = async {
+                    let mut versions = vec![None; requests.len()];
+                    let mut transaction = sqlx::Connection::begin(&mut *connection).await?;
+                    for round in &rounds {
+                        let writes: Vec<&$crate::backend::WriteRequest> =
+                            round.iter().map(|&position| requests[position]).collect();
+                        let rows = $bind_writes(
+                            sqlx::query::<$db>($statements.write_many),
+                            writes.iter().copied(),
+                            self.keep_all_versions,
+                        )
+                        .fetch_all(&mut *transaction)
+                        .await?;
+                        let written = $crate::backend::versions_by_key(&rows, &writes)?;
+                        for (&position, version) in round.iter().zip(written) {
+                            versions[position] = Some(version);
+                        }
+                    }
+                    transaction.commit().await?;
+                    Ok(versions.into_iter().flatten().collect())
+                }
+                .await;
+                connection.checked(done)
+            }
+
+            /// One write's upsert on `connection`.
+            async fn upsert(
+                &self,
+                connection: &mut <$db as sqlx::Database>::Connection,
+                request: &$crate::backend::WriteRequest,
+            ) -> Result<$crate::backend::Version, sqlx::Error> {
+                let query =
+                    $crate::backend::bind_key(sqlx::query::<$db>($statements.write), &request.key);
+                let row = $crate::backend::bind_payload(query, &request.write)
+                    .bind(request.write.now_ms)
+                    .bind(request.write.deleted)
+                    .bind(self.keep_all_versions)
+                    .fetch_one(&mut *connection)
+                    .await?;
+                $crate::backend::version_from_row(&row)
             }
 
             /// The latest version of `key` if `wanted` picks it, else the retained version

@@ -12,9 +12,11 @@ use std::time::Duration;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPoolOptions};
 use sqlx::{ConnectOptions as _, Connection as _};
 
-use super::batch::{Batch, ReadBatcher};
 use super::connections::{ConnectionSet, Lease, SetLimits};
-use super::{BackendError, OpenOptions, Statements, sql_backend};
+use super::{
+    BackendError, OpenOptions, ReadBatch, ReadBatcher, Statements, WriteBatcher, WriteRequest,
+    sql_backend,
+};
 
 /// The statements of the PostgreSQL dialect.
 #[doc(hidden)]
@@ -44,6 +46,24 @@ pub const STATEMENTS: Statements = Statements {
             updated_ms = excluded.updated_ms, deleted = excluded.deleted, \
             keep_versions = excluded.keep_versions \
             RETURNING version_seq, created_ms, updated_ms",
+    // `write` for writes with distinct keys bound as ten arrays, in their order.
+    write_many: "INSERT INTO blox_entries (universe_id, store_kind, store_name, scope, entry_key, \
+            value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted, keep_versions) \
+            SELECT q.universe_id, q.store_kind, q.store_name, q.scope, q.entry_key, q.value, \
+            q.user_ids, q.metadata, 1, q.now_ms, q.now_ms, q.deleted, $11 \
+            FROM unnest($1::int8[], $2::int2[], $3::text[], $4::text[], $5::text[], $6::text[], \
+            $7::text[], $8::text[], $9::int8[], $10::bool[]) WITH ORDINALITY AS q(universe_id, \
+            store_kind, store_name, scope, entry_key, value, user_ids, metadata, now_ms, deleted, \
+            position) ORDER BY q.position \
+            ON CONFLICT (universe_id, store_kind, store_name, scope, entry_key) DO UPDATE SET \
+            value = excluded.value, user_ids = excluded.user_ids, metadata = excluded.metadata, \
+            version_seq = blox_entries.version_seq + 1, \
+            created_ms = CASE WHEN blox_entries.deleted THEN excluded.created_ms \
+                         ELSE blox_entries.created_ms END, \
+            updated_ms = excluded.updated_ms, deleted = excluded.deleted, \
+            keep_versions = excluded.keep_versions \
+            RETURNING universe_id, store_kind, store_name, scope, entry_key, version_seq, \
+            created_ms, updated_ms",
     insert_if_absent: "INSERT INTO blox_entries (universe_id, store_kind, store_name, scope, \
             entry_key, value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted, \
             keep_versions) \
@@ -76,7 +96,12 @@ pub const STATEMENTS: Statements = Statements {
             metadata = '{}', deleted = TRUE WHERE universe_id = $1 AND store_kind = $2 AND store_name = $3 \
             AND scope = $4 AND entry_key = $5 AND version_seq = $6",
     purge_versions: "DELETE FROM blox_versions WHERE expires_ms < $1",
-    purge_tombstones: "DELETE FROM blox_entries WHERE deleted = TRUE AND updated_ms < $1",
+    // A batch of writes holds several rows' locks at once, so a purge that waited for one of
+    // them while holding another could close a cycle; it leaves locked rows for the next run.
+    purge_tombstones: "DELETE FROM blox_entries WHERE (universe_id, store_kind, store_name, \
+            scope, entry_key) IN (SELECT universe_id, store_kind, store_name, scope, entry_key \
+            FROM blox_entries WHERE deleted = TRUE AND updated_ms < $1 \
+            FOR UPDATE SKIP LOCKED)",
     delete: "DELETE FROM blox_entries WHERE universe_id = $1 AND store_kind = $2 AND store_name = $3 \
             AND scope = $4 AND entry_key = $5 \
             RETURNING value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted",
@@ -111,6 +136,8 @@ pub struct PostgresBackend {
     connections: ConnectionSet<PgConnection>,
     /// Point reads that arrive together share a statement.
     reads: Arc<ReadBatcher>,
+    /// Unconditional writes that arrive together share a transaction.
+    writes: Arc<WriteBatcher>,
     /// Every write asks to keep the version it supersedes ([`OpenOptions::keep_all_versions`]).
     keep_all_versions: bool,
 }
@@ -171,6 +198,7 @@ impl PostgresBackend {
         Ok(Self {
             connections,
             reads: Arc::new(ReadBatcher::for_connections(limits.size)),
+            writes: Arc::new(WriteBatcher::for_connections(limits.size)),
             keep_all_versions: options.keep_all_versions,
         })
     }
@@ -184,15 +212,15 @@ impl PostgresBackend {
 /// Binds the keys of a `read_many` statement as five arrays, one per key column.
 fn bind_keys<'q>(
     query: sqlx::query::Query<'q, sqlx::Postgres, PgArguments>,
-    batch: &Batch<'_>,
+    batch: &ReadBatch<'_>,
 ) -> sqlx::query::Query<'q, sqlx::Postgres, PgArguments> {
-    let count = batch.key_count();
+    let count = batch.request_count();
     let mut universes = Vec::with_capacity(count);
     let mut kinds = Vec::with_capacity(count);
     let mut stores = Vec::with_capacity(count);
     let mut scopes = Vec::with_capacity(count);
     let mut names = Vec::with_capacity(count);
-    for key in batch.keys() {
+    for key in batch.requests() {
         universes.push(key.universe);
         kinds.push(key.kind as i16);
         stores.push(key.store.clone());
@@ -207,11 +235,56 @@ fn bind_keys<'q>(
         .bind(names)
 }
 
+/// Binds the writes of a `write_many` statement as ten arrays, one per column, and whether to
+/// keep every version.
+fn bind_writes<'q, 'w>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, PgArguments>,
+    writes: impl ExactSizeIterator<Item = &'w WriteRequest>,
+    keep_all_versions: bool,
+) -> sqlx::query::Query<'q, sqlx::Postgres, PgArguments> {
+    let count = writes.len();
+    let mut universes = Vec::with_capacity(count);
+    let mut kinds = Vec::with_capacity(count);
+    let mut stores = Vec::with_capacity(count);
+    let mut scopes = Vec::with_capacity(count);
+    let mut names = Vec::with_capacity(count);
+    let mut values = Vec::with_capacity(count);
+    let mut user_ids = Vec::with_capacity(count);
+    let mut metadata = Vec::with_capacity(count);
+    let mut times = Vec::with_capacity(count);
+    let mut deleted = Vec::with_capacity(count);
+    for WriteRequest { key, write } in writes {
+        universes.push(key.universe);
+        kinds.push(key.kind as i16);
+        stores.push(key.store.clone());
+        scopes.push(key.scope.clone());
+        names.push(key.key.clone());
+        values.push(write.value.clone());
+        user_ids.push(write.user_ids.clone());
+        metadata.push(write.metadata.clone());
+        times.push(write.now_ms);
+        deleted.push(write.deleted);
+    }
+    query
+        .bind(universes)
+        .bind(kinds)
+        .bind(stores)
+        .bind(scopes)
+        .bind(names)
+        .bind(values)
+        .bind(user_ids)
+        .bind(metadata)
+        .bind(times)
+        .bind(deleted)
+        .bind(keep_all_versions)
+}
+
 sql_backend!(
     PostgresBackend,
     sqlx::Postgres,
     STATEMENTS,
     bind_keys = bind_keys,
+    bind_writes = bind_writes,
     read_connection = connection,
     write_connection = connection
 );

@@ -19,9 +19,11 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 
-use super::batch::{Batch, ReadBatcher};
 use super::connections::{ConnectionSet, Lease, SetLimits};
-use super::{BackendError, OpenOptions, Statements, sql_backend};
+use super::{
+    BackendError, OpenOptions, ReadBatch, ReadBatcher, Statements, WriteBatcher, WriteRequest,
+    sql_backend,
+};
 use crate::codec;
 
 /// Reading connections per server: enough for the two cores of a small machine to keep busy.
@@ -79,6 +81,23 @@ pub const STATEMENTS: Statements = Statements {
             updated_ms = excluded.updated_ms, deleted = excluded.deleted, \
             keep_versions = excluded.keep_versions \
             RETURNING version_seq, created_ms, updated_ms",
+    // `write` for a JSON array of [universe, kind, store, scope, key, value, user_ids,
+    // metadata, now_ms, deleted] arrays with distinct keys, in their order.
+    write_many: "INSERT INTO blox_entries (universe_id, store_kind, store_name, scope, \
+            entry_key, value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted, \
+            keep_versions) \
+            SELECT q.value ->> 0, q.value ->> 1, q.value ->> 2, q.value ->> 3, q.value ->> 4, \
+            q.value ->> 5, q.value ->> 6, q.value ->> 7, 1, q.value ->> 8, q.value ->> 8, \
+            q.value ->> 9, ?2 FROM json_each(?1) AS q WHERE true ORDER BY q.key \
+            ON CONFLICT (universe_id, store_kind, store_name, scope, entry_key) DO UPDATE SET \
+            value = excluded.value, user_ids = excluded.user_ids, metadata = excluded.metadata, \
+            version_seq = blox_entries.version_seq + 1, \
+            created_ms = CASE WHEN blox_entries.deleted THEN excluded.created_ms \
+                         ELSE blox_entries.created_ms END, \
+            updated_ms = excluded.updated_ms, deleted = excluded.deleted, \
+            keep_versions = excluded.keep_versions \
+            RETURNING universe_id, store_kind, store_name, scope, entry_key, version_seq, \
+            created_ms, updated_ms",
     insert_if_absent: "INSERT INTO blox_entries (universe_id, store_kind, store_name, scope, \
             entry_key, value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted, \
             keep_versions) \
@@ -158,6 +177,8 @@ pub struct SqliteBackend {
     readers: ConnectionSet<SqliteConnection>,
     /// Point reads that arrive together share a statement.
     reads: Arc<ReadBatcher>,
+    /// Unconditional writes that arrive together share a transaction.
+    writes: Arc<WriteBatcher>,
     writer: ConnectionSet<SqliteConnection>,
     /// Every write asks to keep the version it supersedes ([`OpenOptions::keep_all_versions`]).
     keep_all_versions: bool,
@@ -218,6 +239,7 @@ impl SqliteBackend {
         Ok(Self {
             readers,
             reads: Arc::new(ReadBatcher::for_connections(READERS)),
+            writes: Arc::new(WriteBatcher::for_connections(1)),
             writer,
             keep_all_versions: options.keep_all_versions,
         })
@@ -236,11 +258,11 @@ impl SqliteBackend {
 /// `[universe, kind, store, scope, key]` arrays, which the statement walks with `json_each`.
 fn bind_keys<'q>(
     query: sqlx::query::Query<'q, sqlx::Sqlite, SqliteArguments>,
-    batch: &Batch<'_>,
+    batch: &ReadBatch<'_>,
 ) -> sqlx::query::Query<'q, sqlx::Sqlite, SqliteArguments> {
-    let mut json = String::with_capacity(batch.key_count() * 64);
+    let mut json = String::with_capacity(batch.request_count() * 64);
     json.push('[');
-    for (position, key) in batch.keys().enumerate() {
+    for (position, key) in batch.requests().enumerate() {
         if position > 0 {
             json.push(',');
         }
@@ -256,11 +278,44 @@ fn bind_keys<'q>(
     query.bind(json)
 }
 
+/// Binds the writes of a `write_many` statement as one JSON array of arrays, and whether to
+/// keep every version.
+fn bind_writes<'q, 'w>(
+    query: sqlx::query::Query<'q, sqlx::Sqlite, SqliteArguments>,
+    writes: impl ExactSizeIterator<Item = &'w WriteRequest>,
+    keep_all_versions: bool,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, SqliteArguments> {
+    let mut json = String::with_capacity(writes.len() * 256);
+    json.push('[');
+    for (position, request) in writes.enumerate() {
+        if position > 0 {
+            json.push(',');
+        }
+        let (key, write) = (&request.key, &request.write);
+        let _ = write!(json, "[{},{},", key.universe, key.kind as i16);
+        for text in [
+            &key.store,
+            &key.scope,
+            &key.key,
+            &write.value,
+            &write.user_ids,
+            &write.metadata,
+        ] {
+            codec::write_string(&mut json, text);
+            json.push(',');
+        }
+        let _ = write!(json, "{},{}]", write.now_ms, write.deleted);
+    }
+    json.push(']');
+    query.bind(json).bind(keep_all_versions)
+}
+
 sql_backend!(
     SqliteBackend,
     sqlx::Sqlite,
     STATEMENTS,
     bind_keys = bind_keys,
+    bind_writes = bind_writes,
     read_connection = read_connection,
     write_connection = write_connection
 );
