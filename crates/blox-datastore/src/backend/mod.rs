@@ -1094,7 +1094,7 @@ macro_rules! sql_backend {
 
             /// Runs a batch's writes: a lone write with the single-key statement, more with one
             /// statement per round of distinct keys (a key written twice goes in two rounds, in
-            /// the order of its calls), all in one transaction. Each statement takes its rows'
+            /// the order of its calls), in one transaction when there are several rounds. Each statement takes its rows'
             /// locks in key order, as every batch of every server does, so two batches never
             /// wait on each other's rows in a cycle.
             async fn write_batch(
@@ -1110,27 +1110,46 @@ macro_rules! sql_backend {
                 let rounds = $crate::backend::write_rounds(&requests);
                 let done = async {
                     let mut versions = vec![None; requests.len()];
-                    let mut transaction = sqlx::Connection::begin(&mut *connection).await?;
-                    for round in &rounds {
-                        let writes: Vec<&$crate::backend::WriteRequest> =
-                            round.iter().map(|&position| requests[position]).collect();
-                        let rows = $bind_writes(
-                            sqlx::query::<$db>($statements.write_many),
-                            writes.iter().copied(),
-                            self.keep_all_versions,
-                        )
-                        .fetch_all(&mut *transaction)
-                        .await?;
-                        let written = $crate::backend::versions_by_key(&rows, &writes)?;
-                        for (&position, version) in round.iter().zip(written) {
-                            versions[position] = Some(version);
+                    if let [round] = &rounds[..] {
+                        self.upsert_round(&mut connection, &requests, round, &mut versions)
+                            .await?;
+                    } else {
+                        let mut transaction = sqlx::Connection::begin(&mut *connection).await?;
+                        for round in &rounds {
+                            self.upsert_round(&mut transaction, &requests, round, &mut versions)
+                                .await?;
                         }
+                        transaction.commit().await?;
                     }
-                    transaction.commit().await?;
                     Ok(versions.into_iter().flatten().collect())
                 }
                 .await;
                 connection.checked(done)
+            }
+
+            /// One `write_many` statement for the writes at `round`'s positions of `requests`
+            /// (distinct keys, in lock order), noting each one's version at its position.
+            async fn upsert_round(
+                &self,
+                connection: &mut <$db as sqlx::Database>::Connection,
+                requests: &[&$crate::backend::WriteRequest],
+                round: &[usize],
+                versions: &mut [Option<$crate::backend::Version>],
+            ) -> Result<(), sqlx::Error> {
+                let writes: Vec<&$crate::backend::WriteRequest> =
+                    round.iter().map(|&position| requests[position]).collect();
+                let rows = $bind_writes(
+                    sqlx::query::<$db>($statements.write_many),
+                    writes.iter().copied(),
+                    self.keep_all_versions,
+                )
+                .fetch_all(&mut *connection)
+                .await?;
+                let written = $crate::backend::versions_by_key(&rows, &writes)?;
+                for (&position, version) in round.iter().zip(written) {
+                    versions[position] = Some(version);
+                }
+                Ok(())
             }
 
             /// One write's upsert on `connection`.
