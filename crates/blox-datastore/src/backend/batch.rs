@@ -1,24 +1,25 @@
 //! Requests that arrive together share one round trip: point reads one statement, writes one
-//! transaction.
+//! multi-row upsert.
 //!
 //! Under load a game server reads and writes many keys at once (players joining, 64
 //! coroutines each loading or saving a profile), and each request costs the database far more
-//! for its statement or commit than for its row: on PostgreSQL one statement reading eight keys
-//! costs about as much server CPU as two statements reading one, and a commit waits for its
-//! log flush (measured with pgbench on the benchmark machine; BENCHMARKS.md, session 7). So a
-//! backend lets only a few read statements, and a few write transactions, be in flight at
-//! once; a request that arrives while they all are waits, and when one finishes, every request
-//! that queued meanwhile goes out together in the next one. Nothing is held back to make a
-//! batch: a request that finds a free slot goes at once, alone, as it would without batching.
-//! Batches grow only as fast as the database falls behind, so a quiet server pays one
-//! uncontended lock per request.
+//! for its statement than for its row. Measured with pgbench on the benchmark machine
+//! (BENCHMARKS.md, session 7): one PostgreSQL statement reading 8 keys ran at 76% of the rate of
+//! one reading a single key, so 6× the keys per second; one upsert of 4 rows at 87% of the rate
+//! of a single-row upsert, 3.5× the rows, while 4 single-row upserts in one transaction gained
+//! 14%. So a backend lets only a few read statements, and a few write statements, be in
+//! flight at once; a request that arrives while they all are waits, and when one finishes,
+//! every request that queued meanwhile goes out together in the next one. Nothing is held back
+//! to make a batch: a request that finds a free slot goes at once, alone, with the same
+//! statement it would run without batching. Batches grow only as fast as the database falls
+//! behind, so a quiet server pays one uncontended lock per request.
 //!
-//! There is no batching task: the request whose round trip finishes hands its slot and the
+//! There is no batching task: the request whose statement finishes hands its slot and the
 //! queued requests to the first of them, whose own call then runs the batch and answers the
 //! others. Each request of a batch runs as it would alone (a batched read looks its key up by
-//! primary key; a batched write is the same upsert, in a transaction with the others), and a
-//! batch starts after each of its requests was made, so a read never misses a write that
-//! returned before the read was called, and a write is durable before its call returns.
+//! primary key; a batched write is the same upsert, row by row), and a batch starts after each
+//! of its requests was made, so a read never misses a write that returned before the read was
+//! called, and a write is durable before its call returns.
 //!
 //! A caller that gives up (its future dropped) while it leads a batch hands the batch on
 //! instead of abandoning the requests that queued behind it.

@@ -8,6 +8,9 @@
 //! (an UpdateAsync transform) runs, and servers racing on one key serialize on the version
 //! check, so nothing is lost or overwritten, on one server or many.
 //!
+//! Reads and unconditional writes that arrive while the database is busy share statements
+//! ([`batch`]): under load the database pays per statement, not per row.
+//!
 //! There are two implementations, SQLite (embedded, the default) and PostgreSQL (shared by
 //! many servers). sqlx's `AnyPool` is not used: it has no common ground for the two dialects'
 //! upserts and types. One conformance suite (`tests/conformance.rs`) runs against both.
