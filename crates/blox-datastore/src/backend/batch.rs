@@ -298,15 +298,19 @@ mod tests {
         }
     }
 
-    /// Drives a future one poll, returning it if it is still pending.
-    async fn poll_once<F: std::future::Future + Unpin>(future: &mut F) -> Option<F::Output> {
-        std::future::poll_fn(|context| {
-            std::task::Poll::Ready(match std::pin::Pin::new(&mut *future).poll(context) {
-                std::task::Poll::Ready(output) => Some(output),
-                std::task::Poll::Pending => None,
-            })
+    type Waiting<'a> = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Entered<'a, EntryKey, Option<Entry>>> + 'a>,
+    >;
+
+    /// Starts a read of `key` that must queue, polled once so it has.
+    async fn queued<'a>(batcher: &'a ReadBatcher, key: &'a EntryKey) -> Waiting<'a> {
+        let mut read: Waiting<'a> = Box::pin(batcher.enter(Cow::Borrowed(key)));
+        let pending = std::future::poll_fn(|context| {
+            std::task::Poll::Ready(read.as_mut().poll(context).is_pending())
         })
-        .await
+        .await;
+        assert!(pending, "a read with no free slot went at once");
+        read
     }
 
     #[tokio::test]
@@ -325,10 +329,8 @@ mod tests {
         let batcher = ReadBatcher::new(1);
         let (first, second, third) = (key("a"), key("b"), key("c"));
         let running = lead(batcher.enter(Cow::Borrowed(&first)).await);
-        let mut second_read = Box::pin(batcher.enter(Cow::Borrowed(&second)));
-        let mut third_read = Box::pin(batcher.enter(Cow::Borrowed(&third)));
-        assert!(poll_once(&mut second_read).await.is_none());
-        assert!(poll_once(&mut third_read).await.is_none());
+        let second_read = queued(&batcher, &second).await;
+        let third_read = queued(&batcher, &third).await;
         running.finish(Ok(vec![None])).unwrap();
 
         let batch = lead(second_read.await);
@@ -354,10 +356,8 @@ mod tests {
         let batcher = ReadBatcher::new(1);
         let (first, second, third) = (key("a"), key("b"), key("c"));
         let running = lead(batcher.enter(Cow::Borrowed(&first)).await);
-        let mut second_read = Box::pin(batcher.enter(Cow::Borrowed(&second)));
-        let mut third_read = Box::pin(batcher.enter(Cow::Borrowed(&third)));
-        assert!(poll_once(&mut second_read).await.is_none());
-        assert!(poll_once(&mut third_read).await.is_none());
+        let second_read = queued(&batcher, &second).await;
+        let third_read = queued(&batcher, &third).await;
         let alone = running.finish(Err(sqlx::Error::PoolTimedOut));
         assert!(matches!(alone, Err(BackendError::Database(_))));
 
@@ -377,10 +377,8 @@ mod tests {
         let batcher = ReadBatcher::new(1);
         let (first, second, third) = (key("a"), key("b"), key("c"));
         let running = lead(batcher.enter(Cow::Borrowed(&first)).await);
-        let mut second_read = Box::pin(batcher.enter(Cow::Borrowed(&second)));
-        let mut third_read = Box::pin(batcher.enter(Cow::Borrowed(&third)));
-        assert!(poll_once(&mut second_read).await.is_none());
-        assert!(poll_once(&mut third_read).await.is_none());
+        let second_read = queued(&batcher, &second).await;
+        let third_read = queued(&batcher, &third).await;
         drop(running);
 
         let abandoned = lead(second_read.await);
@@ -397,10 +395,8 @@ mod tests {
         let batcher = ReadBatcher::new(1);
         let (first, second, third) = (key("a"), key("b"), key("c"));
         let running = lead(batcher.enter(Cow::Borrowed(&first)).await);
-        let mut gave_up = Box::pin(batcher.enter(Cow::Borrowed(&second)));
-        let mut waiting = Box::pin(batcher.enter(Cow::Borrowed(&third)));
-        assert!(poll_once(&mut gave_up).await.is_none());
-        assert!(poll_once(&mut waiting).await.is_none());
+        let gave_up = queued(&batcher, &second).await;
+        let waiting = queued(&batcher, &third).await;
         drop(gave_up);
         drop(running);
 

@@ -787,6 +787,22 @@ where
     }
 }
 
+/// The conflict clause of every upsert (`write`, `write_many`), the same in both dialects: the
+/// new value, user ids and metadata replace the old, the version goes up by one, and a key
+/// written after its removal is created anew.
+macro_rules! upsert_on_conflict {
+    () => {
+        "ON CONFLICT (universe_id, store_kind, store_name, scope, entry_key) DO UPDATE SET \
+         value = excluded.value, user_ids = excluded.user_ids, metadata = excluded.metadata, \
+         version_seq = blox_entries.version_seq + 1, \
+         created_ms = CASE WHEN blox_entries.deleted THEN excluded.created_ms \
+         ELSE blox_entries.created_ms END, \
+         updated_ms = excluded.updated_ms, deleted = excluded.deleted, \
+         keep_versions = excluded.keep_versions"
+    };
+}
+use upsert_on_conflict;
+
 /// Implements [`Backend`] for a dialect from the methods that hand out its reading and writing
 /// connections, and its [`Statements`].
 macro_rules! sql_backend {

@@ -15,7 +15,7 @@ use sqlx::{ConnectOptions as _, Connection as _};
 use super::connections::{ConnectionSet, Lease, SetLimits};
 use super::{
     BackendError, OpenOptions, ReadBatch, ReadBatcher, Statements, WriteBatcher, WriteRequest,
-    sql_backend,
+    sql_backend, upsert_on_conflict,
 };
 
 /// The statements of the PostgreSQL dialect.
@@ -35,35 +35,27 @@ pub const STATEMENTS: Statements = Statements {
            updated_ms, deleted FROM blox_entries b WHERE b.universe_id = q.universe_id \
            AND b.store_kind = q.store_kind AND b.store_name = q.store_name COLLATE \"C\" \
            AND b.scope = q.scope COLLATE \"C\" AND b.entry_key = q.entry_key COLLATE \"C\") e",
-    write: "INSERT INTO blox_entries (universe_id, store_kind, store_name, scope, entry_key, \
+    write: concat!(
+        "INSERT INTO blox_entries (universe_id, store_kind, store_name, scope, entry_key, \
             value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted, keep_versions) \
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9, $9, $10, $11) \
-            ON CONFLICT (universe_id, store_kind, store_name, scope, entry_key) DO UPDATE SET \
-            value = excluded.value, user_ids = excluded.user_ids, metadata = excluded.metadata, \
-            version_seq = blox_entries.version_seq + 1, \
-            created_ms = CASE WHEN blox_entries.deleted THEN excluded.created_ms \
-                         ELSE blox_entries.created_ms END, \
-            updated_ms = excluded.updated_ms, deleted = excluded.deleted, \
-            keep_versions = excluded.keep_versions \
-            RETURNING version_seq, created_ms, updated_ms",
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9, $9, $10, $11) ",
+        upsert_on_conflict!(),
+        " RETURNING version_seq, created_ms, updated_ms"
+    ),
     // `write` for writes with distinct keys bound as ten arrays, in their order.
-    write_many: "INSERT INTO blox_entries (universe_id, store_kind, store_name, scope, entry_key, \
+    write_many: concat!(
+        "INSERT INTO blox_entries (universe_id, store_kind, store_name, scope, entry_key, \
             value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted, keep_versions) \
             SELECT q.universe_id, q.store_kind, q.store_name, q.scope, q.entry_key, q.value, \
             q.user_ids, q.metadata, 1, q.now_ms, q.now_ms, q.deleted, $11 \
             FROM unnest($1::int8[], $2::int2[], $3::text[], $4::text[], $5::text[], $6::text[], \
             $7::text[], $8::text[], $9::int8[], $10::bool[]) WITH ORDINALITY AS q(universe_id, \
             store_kind, store_name, scope, entry_key, value, user_ids, metadata, now_ms, deleted, \
-            position) ORDER BY q.position \
-            ON CONFLICT (universe_id, store_kind, store_name, scope, entry_key) DO UPDATE SET \
-            value = excluded.value, user_ids = excluded.user_ids, metadata = excluded.metadata, \
-            version_seq = blox_entries.version_seq + 1, \
-            created_ms = CASE WHEN blox_entries.deleted THEN excluded.created_ms \
-                         ELSE blox_entries.created_ms END, \
-            updated_ms = excluded.updated_ms, deleted = excluded.deleted, \
-            keep_versions = excluded.keep_versions \
-            RETURNING universe_id, store_kind, store_name, scope, entry_key, version_seq, \
-            created_ms, updated_ms",
+            position) ORDER BY q.position ",
+        upsert_on_conflict!(),
+        " RETURNING universe_id, store_kind, store_name, scope, entry_key, version_seq, \
+            created_ms, updated_ms"
+    ),
     insert_if_absent: "INSERT INTO blox_entries (universe_id, store_kind, store_name, scope, \
             entry_key, value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted, \
             keep_versions) \

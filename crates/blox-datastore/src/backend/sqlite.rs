@@ -22,7 +22,7 @@ use sqlx::sqlite::{
 use super::connections::{ConnectionSet, Lease, SetLimits};
 use super::{
     BackendError, OpenOptions, ReadBatch, ReadBatcher, Statements, WriteBatcher, WriteRequest,
-    sql_backend,
+    sql_backend, upsert_on_conflict,
 };
 use crate::codec;
 
@@ -70,34 +70,26 @@ pub const STATEMENTS: Statements = Statements {
            ON e.universe_id = q.value ->> 0 AND e.store_kind = q.value ->> 1 \
            AND e.store_name = q.value ->> 2 AND e.scope = q.value ->> 3 \
            AND e.entry_key = q.value ->> 4",
-    write: "INSERT INTO blox_entries (universe_id, store_kind, store_name, scope, entry_key, \
+    write: concat!(
+        "INSERT INTO blox_entries (universe_id, store_kind, store_name, scope, entry_key, \
             value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted, keep_versions) \
-            VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1, ?9, ?9, ?10, ?11) \
-            ON CONFLICT (universe_id, store_kind, store_name, scope, entry_key) DO UPDATE SET \
-            value = excluded.value, user_ids = excluded.user_ids, metadata = excluded.metadata, \
-            version_seq = blox_entries.version_seq + 1, \
-            created_ms = CASE WHEN blox_entries.deleted THEN excluded.created_ms \
-                         ELSE blox_entries.created_ms END, \
-            updated_ms = excluded.updated_ms, deleted = excluded.deleted, \
-            keep_versions = excluded.keep_versions \
-            RETURNING version_seq, created_ms, updated_ms",
+            VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1, ?9, ?9, ?10, ?11) ",
+        upsert_on_conflict!(),
+        " RETURNING version_seq, created_ms, updated_ms"
+    ),
     // `write` for a JSON array of [universe, kind, store, scope, key, value, user_ids,
     // metadata, now_ms, deleted] arrays with distinct keys, in their order.
-    write_many: "INSERT INTO blox_entries (universe_id, store_kind, store_name, scope, \
+    write_many: concat!(
+        "INSERT INTO blox_entries (universe_id, store_kind, store_name, scope, \
             entry_key, value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted, \
             keep_versions) \
             SELECT q.value ->> 0, q.value ->> 1, q.value ->> 2, q.value ->> 3, q.value ->> 4, \
             q.value ->> 5, q.value ->> 6, q.value ->> 7, 1, q.value ->> 8, q.value ->> 8, \
-            q.value ->> 9, ?2 FROM json_each(?1) AS q WHERE true ORDER BY q.key \
-            ON CONFLICT (universe_id, store_kind, store_name, scope, entry_key) DO UPDATE SET \
-            value = excluded.value, user_ids = excluded.user_ids, metadata = excluded.metadata, \
-            version_seq = blox_entries.version_seq + 1, \
-            created_ms = CASE WHEN blox_entries.deleted THEN excluded.created_ms \
-                         ELSE blox_entries.created_ms END, \
-            updated_ms = excluded.updated_ms, deleted = excluded.deleted, \
-            keep_versions = excluded.keep_versions \
-            RETURNING universe_id, store_kind, store_name, scope, entry_key, version_seq, \
-            created_ms, updated_ms",
+            q.value ->> 9, ?2 FROM json_each(?1) AS q WHERE true ORDER BY q.key ",
+        upsert_on_conflict!(),
+        " RETURNING universe_id, store_kind, store_name, scope, entry_key, version_seq, \
+            created_ms, updated_ms"
+    ),
     insert_if_absent: "INSERT INTO blox_entries (universe_id, store_kind, store_name, scope, \
             entry_key, value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted, \
             keep_versions) \
