@@ -14,8 +14,8 @@ use sqlx::{ConnectOptions as _, Connection as _};
 
 use super::connections::{ConnectionSet, Lease, SetLimits};
 use super::{
-    BackendError, OpenOptions, ReadBatch, ReadBatcher, Statements, WriteBatcher, WriteRequest,
-    sql_backend, upsert_on_conflict,
+    BackendError, EntryKey, OpenOptions, ReadBatch, ReadBatcher, Statements, WriteBatcher,
+    WriteRequest, sql_backend, upsert_on_conflict,
 };
 
 /// The statements of the PostgreSQL dialect.
@@ -201,68 +201,78 @@ impl PostgresBackend {
     }
 }
 
-/// Binds the keys of a `read_many` statement as five arrays, one per key column.
-fn bind_keys<'q>(
-    query: sqlx::query::Query<'q, sqlx::Postgres, PgArguments>,
-    batch: &ReadBatch<'_>,
-) -> sqlx::query::Query<'q, sqlx::Postgres, PgArguments> {
-    let count = batch.request_count();
-    let mut universes = Vec::with_capacity(count);
-    let mut kinds = Vec::with_capacity(count);
-    let mut stores = Vec::with_capacity(count);
-    let mut scopes = Vec::with_capacity(count);
-    let mut names = Vec::with_capacity(count);
-    for key in batch.requests() {
-        universes.push(key.universe);
-        kinds.push(key.kind as i16);
-        stores.push(key.store.clone());
-        scopes.push(key.scope.clone());
-        names.push(key.key.clone());
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, PgArguments>;
+
+/// The five key columns of several keys, as the arrays the batch statements take.
+struct KeyArrays {
+    universes: Vec<i64>,
+    kinds: Vec<i16>,
+    stores: Vec<String>,
+    scopes: Vec<String>,
+    names: Vec<String>,
+}
+
+impl KeyArrays {
+    fn with_capacity(count: usize) -> Self {
+        Self {
+            universes: Vec::with_capacity(count),
+            kinds: Vec::with_capacity(count),
+            stores: Vec::with_capacity(count),
+            scopes: Vec::with_capacity(count),
+            names: Vec::with_capacity(count),
+        }
     }
-    query
-        .bind(universes)
-        .bind(kinds)
-        .bind(stores)
-        .bind(scopes)
-        .bind(names)
+
+    fn push(&mut self, key: &EntryKey) {
+        self.universes.push(key.universe);
+        self.kinds.push(key.kind as i16);
+        self.stores.push(key.store.clone());
+        self.scopes.push(key.scope.clone());
+        self.names.push(key.key.clone());
+    }
+
+    fn bind(self, query: PgQuery<'_>) -> PgQuery<'_> {
+        query
+            .bind(self.universes)
+            .bind(self.kinds)
+            .bind(self.stores)
+            .bind(self.scopes)
+            .bind(self.names)
+    }
+}
+
+/// Binds the keys of a `read_many` statement as five arrays, one per key column.
+fn bind_keys<'q>(query: PgQuery<'q>, batch: &ReadBatch<'_>) -> PgQuery<'q> {
+    let mut keys = KeyArrays::with_capacity(batch.request_count());
+    for key in batch.requests() {
+        keys.push(key);
+    }
+    keys.bind(query)
 }
 
 /// Binds the writes of a `write_many` statement as ten arrays, one per column, and whether to
 /// keep every version.
 fn bind_writes<'q, 'w>(
-    query: sqlx::query::Query<'q, sqlx::Postgres, PgArguments>,
+    query: PgQuery<'q>,
     writes: impl ExactSizeIterator<Item = &'w WriteRequest>,
     keep_all_versions: bool,
-) -> sqlx::query::Query<'q, sqlx::Postgres, PgArguments> {
+) -> PgQuery<'q> {
     let count = writes.len();
-    let mut universes = Vec::with_capacity(count);
-    let mut kinds = Vec::with_capacity(count);
-    let mut stores = Vec::with_capacity(count);
-    let mut scopes = Vec::with_capacity(count);
-    let mut names = Vec::with_capacity(count);
+    let mut keys = KeyArrays::with_capacity(count);
     let mut values = Vec::with_capacity(count);
     let mut user_ids = Vec::with_capacity(count);
     let mut metadata = Vec::with_capacity(count);
     let mut times = Vec::with_capacity(count);
     let mut deleted = Vec::with_capacity(count);
     for WriteRequest { key, write } in writes {
-        universes.push(key.universe);
-        kinds.push(key.kind as i16);
-        stores.push(key.store.clone());
-        scopes.push(key.scope.clone());
-        names.push(key.key.clone());
+        keys.push(key);
         values.push(write.value.clone());
         user_ids.push(write.user_ids.clone());
         metadata.push(write.metadata.clone());
         times.push(write.now_ms);
         deleted.push(write.deleted);
     }
-    query
-        .bind(universes)
-        .bind(kinds)
-        .bind(stores)
-        .bind(scopes)
-        .bind(names)
+    keys.bind(query)
         .bind(values)
         .bind(user_ids)
         .bind(metadata)
