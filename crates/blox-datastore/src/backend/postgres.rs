@@ -87,9 +87,13 @@ pub const STATEMENTS: Statements = Statements {
     erase_latest_version: "UPDATE blox_entries SET value = 'null', user_ids = '[]', \
             metadata = '{}', deleted = TRUE WHERE universe_id = $1 AND store_kind = $2 AND store_name = $3 \
             AND scope = $4 AND entry_key = $5 AND version_seq = $6",
-    purge_versions: "DELETE FROM blox_versions WHERE expires_ms < $1",
-    // A batch of writes holds several rows' locks at once, so a purge that waited for one of
-    // them while holding another could close a cycle; it leaves locked rows for the next run.
+    // A batch of writes holds several rows' locks at once (its versions' too, through the
+    // trigger), so a purge that waited for one of them while holding another could close a
+    // cycle; both purges leave locked rows for the next run.
+    purge_versions: "DELETE FROM blox_versions WHERE (universe_id, store_kind, store_name, \
+            scope, entry_key, version_seq) IN (SELECT universe_id, store_kind, store_name, scope, \
+            entry_key, version_seq FROM blox_versions WHERE expires_ms < $1 \
+            FOR UPDATE SKIP LOCKED)",
     purge_tombstones: "DELETE FROM blox_entries WHERE (universe_id, store_kind, store_name, \
             scope, entry_key) IN (SELECT universe_id, store_kind, store_name, scope, entry_key \
             FROM blox_entries WHERE deleted = TRUE AND updated_ms < $1 \
