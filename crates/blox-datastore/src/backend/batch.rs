@@ -11,8 +11,9 @@
 //! flight at once; a request that arrives while they all are waits, and when one finishes,
 //! every request that queued meanwhile goes out together in the next one. Nothing is held back
 //! to make a batch: a request that finds a free slot goes at once, alone, with the same
-//! statement it would run without batching. Batches grow only as fast as the database falls
-//! behind, so a quiet server pays one uncontended lock per request.
+//! statement it would run without batching, and is not even copied (only a request that
+//! queues needs a copy of its own). Batches grow only as fast as the database falls behind,
+//! so a quiet server pays one uncontended lock per request.
 //!
 //! There is no batching task: the request whose statement finishes hands its slot and the
 //! queued requests to the first of them, whose own call then runs the batch and answers the
@@ -24,7 +25,6 @@
 //! A caller that gives up (its future dropped) while it leads a batch hands the batch on
 //! instead of abandoning the requests that queued behind it.
 
-use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -77,30 +77,43 @@ struct Queued<T, A> {
 enum Turn<T, A> {
     /// Another request's batch answered this one.
     Answered(Result<A, BackendError>),
-    /// This request now holds a slot and leads a batch of itself and these requests.
-    Lead(Vec<Queued<T, A>>),
+    /// This request (handed back) now holds a slot and leads a batch of itself and these
+    /// requests.
+    Lead(T, Vec<Queued<T, A>>),
 }
 
 /// How a request proceeds once [`Batcher::enter`] returns.
 #[derive(Debug)]
-pub enum Entered<'a, T: Clone, A> {
+pub enum Entered<'a, T, A> {
+    /// A slot was free: the caller runs its own request alone, as it would without batching,
+    /// and reports through [`Slot::finish`].
+    Alone(Slot<'a, T, A>),
     /// Another request's batch answered this one.
     Answered(Result<A, BackendError>),
     /// The caller holds a slot: it must run the batch's requests and [`Batch::finish`] it.
     Lead(Batch<'a, T, A>),
 }
 
+/// A slot held by a request running alone, or by a batch. Dropping it hands the slot (and
+/// any requests given back to it) on.
+#[derive(Debug)]
+pub struct Slot<'a, T, A> {
+    batcher: &'a Batcher<T, A>,
+    /// Requests of an unfinished batch, queued again when the slot is released.
+    returned: Vec<Queued<T, A>>,
+}
+
 /// Requests one statement or transaction must serve, led by the request that runs it.
 /// Dropping it unfinished hands its slot and its queued requests on.
 #[derive(Debug)]
-pub struct Batch<'a, T: Clone, A> {
-    batcher: &'a Batcher<T, A>,
-    own: Cow<'a, T>,
+pub struct Batch<'a, T, A> {
+    slot: Slot<'a, T, A>,
+    own: T,
     /// The other requests of the batch; empty once answered.
     others: Vec<Queued<T, A>>,
 }
 
-impl<T: Clone, A> Batcher<T, A> {
+impl<T, A> Batcher<T, A> {
     /// A batcher that lets `in_flight_limit` batches (at least one) run at once.
     pub fn new(in_flight_limit: usize) -> Self {
         Self {
@@ -122,32 +135,28 @@ impl<T: Clone, A> Batcher<T, A> {
         Self::new(cores.min(connections))
     }
 
-    /// Starts `request`: leads a batch at once when a slot is free, else waits until another
-    /// request's batch answers it or hands it the lead. A borrowed request is copied only if
-    /// it has to queue.
-    pub async fn enter<'a>(&'a self, request: Cow<'a, T>) -> Entered<'a, T, A> {
+    /// Starts a request: when a slot is free the caller runs it alone at once; otherwise
+    /// `request` makes the owned copy that waits in the queue until another request's batch
+    /// answers it or hands it the lead. Only a request that queues is copied.
+    pub async fn enter(&self, request: impl FnOnce() -> T) -> Entered<'_, T, A> {
         let turn = {
             let mut state = self.lock();
             if state.in_flight < self.in_flight_limit {
                 state.in_flight += 1;
-                return Entered::Lead(Batch {
-                    batcher: self,
-                    own: request,
-                    others: Vec::new(),
-                });
+                return Entered::Alone(self.slot());
             }
             let (turn, waiting) = oneshot::channel();
             state.queued.push(Queued {
-                request: request.clone().into_owned(),
+                request: request(),
                 turn,
             });
             waiting
         };
         match turn.await {
             Ok(Turn::Answered(result)) => Entered::Answered(result),
-            Ok(Turn::Lead(others)) => Entered::Lead(Batch {
-                batcher: self,
-                own: request,
+            Ok(Turn::Lead(own, others)) => Entered::Lead(Batch {
+                slot: self.slot(),
+                own,
                 others,
             }),
             // Only a batcher dropped with requests queued drops their senders, and a batcher
@@ -162,6 +171,19 @@ impl<T: Clone, A> Batcher<T, A> {
             requests: self.requests.load(Ordering::Relaxed),
             batches: self.batches.load(Ordering::Relaxed),
         }
+    }
+
+    fn slot(&self) -> Slot<'_, T, A> {
+        Slot {
+            batcher: self,
+            returned: Vec::new(),
+        }
+    }
+
+    /// Counts one batch of `requests` answered.
+    fn answered(&self, requests: usize) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(requests as u64, Ordering::Relaxed);
     }
 
     fn lock(&self) -> MutexGuard<'_, State<T, A>> {
@@ -184,9 +206,9 @@ impl<T: Clone, A> Batcher<T, A> {
             let take = state.queued.len().min(MAX_BATCH);
             let mut batch: Vec<Queued<T, A>> = state.queued.drain(..take).collect();
             let leader = batch.remove(0);
-            match leader.turn.send(Turn::Lead(batch)) {
+            match leader.turn.send(Turn::Lead(leader.request, batch)) {
                 Ok(()) => return,
-                Err(Turn::Lead(batch)) => {
+                Err(Turn::Lead(_, batch)) => {
                     let rest = std::mem::replace(&mut state.queued, batch);
                     state.queued.extend(rest);
                 }
@@ -197,10 +219,30 @@ impl<T: Clone, A> Batcher<T, A> {
     }
 }
 
-impl<T: Clone, A> Batch<'_, T, A> {
+impl<T, A> Slot<'_, T, A> {
+    /// Counts the lone request answered, gives up the slot and returns its answer.
+    pub fn finish(self, answer: Result<A, sqlx::Error>) -> Result<A, BackendError> {
+        self.batcher.answered(1);
+        Ok(answer?)
+    }
+}
+
+impl<T, A> Drop for Slot<'_, T, A> {
+    fn drop(&mut self) {
+        self.batcher.release(std::mem::take(&mut self.returned));
+    }
+}
+
+impl<T, A> Batch<'_, T, A> {
     /// The requests, the leader's first; [`Batch::finish`] takes their answers in this order.
     pub fn requests(&self) -> impl Iterator<Item = &T> {
-        std::iter::once(self.own.as_ref()).chain(self.others.iter().map(|queued| &queued.request))
+        std::iter::once(&self.own).chain(self.others.iter().map(|queued| &queued.request))
+    }
+
+    /// The leader's request, when the batch holds no other (one handed on after the others
+    /// queued with it were answered or gave up).
+    pub fn single(&self) -> Option<&T> {
+        self.others.is_empty().then_some(&self.own)
     }
 
     /// How many requests the batch carries (never none: it holds its leader's).
@@ -213,11 +255,7 @@ impl<T: Clone, A> Batch<'_, T, A> {
     /// answer. A failed round trip fails every request of the batch.
     pub fn finish(mut self, answers: Result<Vec<A>, sqlx::Error>) -> Result<A, BackendError> {
         let others = std::mem::take(&mut self.others);
-        let batcher = self.batcher;
-        batcher.batches.fetch_add(1, Ordering::Relaxed);
-        batcher
-            .requests
-            .fetch_add(1 + others.len() as u64, Ordering::Relaxed);
+        self.slot.batcher.answered(1 + others.len());
         match answers {
             Ok(answers) if answers.len() == 1 + others.len() => {
                 let mut answers = answers.into_iter();
@@ -252,9 +290,11 @@ impl<T: Clone, A> Batch<'_, T, A> {
     }
 }
 
-impl<T: Clone, A> Drop for Batch<'_, T, A> {
+impl<T, A> Drop for Batch<'_, T, A> {
+    /// An unfinished batch's other requests queue again, first, for the next holder of its
+    /// slot (the slot is released right after this, as a field).
     fn drop(&mut self) {
-        self.batcher.release(std::mem::take(&mut self.others));
+        self.slot.returned = std::mem::take(&mut self.others);
     }
 }
 
@@ -294,7 +334,18 @@ mod tests {
     ) -> Batch<'a, EntryKey, Option<Entry>> {
         match entered {
             Entered::Lead(batch) => batch,
-            Entered::Answered(_) => panic!("expected to lead"),
+            other => panic!("expected to lead a batch, got {other:?}"),
+        }
+    }
+
+    /// Starts a request that finds a free slot, which must not copy it.
+    async fn alone(batcher: &ReadBatcher) -> Slot<'_, EntryKey, Option<Entry>> {
+        match batcher
+            .enter(|| panic!("a request with a free slot was copied"))
+            .await
+        {
+            Entered::Alone(slot) => slot,
+            other => panic!("expected to run alone, got {other:?}"),
         }
     }
 
@@ -303,8 +354,9 @@ mod tests {
     >;
 
     /// Starts a read of `key` that must queue, polled once so it has.
-    async fn queued<'a>(batcher: &'a ReadBatcher, key: &'a EntryKey) -> Waiting<'a> {
-        let mut read: Waiting<'a> = Box::pin(batcher.enter(Cow::Borrowed(key)));
+    async fn queued<'a>(batcher: &'a ReadBatcher, key: &EntryKey) -> Waiting<'a> {
+        let key = key.clone();
+        let mut read: Waiting<'a> = Box::pin(batcher.enter(move || key));
         let pending = std::future::poll_fn(|context| {
             std::task::Poll::Ready(read.as_mut().poll(context).is_pending())
         })
@@ -316,10 +368,8 @@ mod tests {
     #[tokio::test]
     async fn a_read_with_a_free_slot_goes_at_once_and_alone() {
         let batcher = ReadBatcher::new(1);
-        let only = key("a");
-        let batch = lead(batcher.enter(Cow::Borrowed(&only)).await);
-        assert_eq!(batch.requests().collect::<Vec<_>>(), [&only]);
-        let answer = batch.finish(Ok(vec![Some(entry("1"))])).unwrap();
+        let slot = alone(&batcher).await;
+        let answer = slot.finish(Ok(Some(entry("1")))).unwrap();
         assert_eq!(answer.unwrap().value, "1");
         assert_eq!(batcher.lock().in_flight, 0);
     }
@@ -327,11 +377,11 @@ mod tests {
     #[tokio::test]
     async fn reads_queued_behind_a_statement_go_together_and_each_gets_its_own_row() {
         let batcher = ReadBatcher::new(1);
-        let (first, second, third) = (key("a"), key("b"), key("c"));
-        let running = lead(batcher.enter(Cow::Borrowed(&first)).await);
+        let (second, third) = (key("b"), key("c"));
+        let running = alone(&batcher).await;
         let second_read = queued(&batcher, &second).await;
         let third_read = queued(&batcher, &third).await;
-        running.finish(Ok(vec![None])).unwrap();
+        running.finish(Ok(None)).unwrap();
 
         let batch = lead(second_read.await);
         assert_eq!(batch.requests().collect::<Vec<_>>(), [&second, &third]);
@@ -354,8 +404,8 @@ mod tests {
     #[tokio::test]
     async fn a_failed_statement_fails_every_read_of_its_batch() {
         let batcher = ReadBatcher::new(1);
-        let (first, second, third) = (key("a"), key("b"), key("c"));
-        let running = lead(batcher.enter(Cow::Borrowed(&first)).await);
+        let (second, third) = (key("b"), key("c"));
+        let running = alone(&batcher).await;
         let second_read = queued(&batcher, &second).await;
         let third_read = queued(&batcher, &third).await;
         let alone = running.finish(Err(sqlx::Error::PoolTimedOut));
@@ -375,8 +425,8 @@ mod tests {
     #[tokio::test]
     async fn a_leader_dropped_unfinished_hands_its_batch_on() {
         let batcher = ReadBatcher::new(1);
-        let (first, second, third) = (key("a"), key("b"), key("c"));
-        let running = lead(batcher.enter(Cow::Borrowed(&first)).await);
+        let (second, third) = (key("b"), key("c"));
+        let running = alone(&batcher).await;
         let second_read = queued(&batcher, &second).await;
         let third_read = queued(&batcher, &third).await;
         drop(running);
@@ -393,8 +443,8 @@ mod tests {
     #[tokio::test]
     async fn a_reader_that_gives_up_leaves_its_place_to_the_next() {
         let batcher = ReadBatcher::new(1);
-        let (first, second, third) = (key("a"), key("b"), key("c"));
-        let running = lead(batcher.enter(Cow::Borrowed(&first)).await);
+        let (second, third) = (key("b"), key("c"));
+        let running = alone(&batcher).await;
         let gave_up = queued(&batcher, &second).await;
         let waiting = queued(&batcher, &third).await;
         drop(gave_up);

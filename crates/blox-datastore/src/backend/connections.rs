@@ -130,7 +130,8 @@ impl<C: Connection> ConnectionSet<C> {
 
     /// How many connections are open: the idle ones and one per lease (a slot whose
     /// connection was closed holds neither).
-    pub fn open_connections(&self) -> usize {
+    #[cfg(test)]
+    fn open_connections(&self) -> usize {
         let set = &*self.shared;
         let lent = set.limits.size - set.available.available_permits();
         set.lock_idle().len() + lent

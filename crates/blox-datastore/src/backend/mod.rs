@@ -297,11 +297,11 @@ pub struct WriteRequest {
 
 /// The point reads of one backend, batched.
 pub type ReadBatcher = batch::Batcher<EntryKey, Option<Entry>>;
-/// One statement's worth of point reads.
+/// Point reads that go to the database in one statement.
 pub type ReadBatch<'a> = batch::Batch<'a, EntryKey, Option<Entry>>;
 /// The unconditional writes of one backend, batched.
 pub type WriteBatcher = batch::Batcher<WriteRequest, Version>;
-/// One transaction's worth of unconditional writes.
+/// Unconditional writes that go to the database together.
 pub type WriteBatch<'a> = batch::Batch<'a, WriteRequest, Version>;
 
 /// What a write stores.
@@ -372,8 +372,7 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// How this backend's point reads ([`Backend::read`]) shared statements so far.
     fn read_statistics(&self) -> batch::BatchStatistics;
 
-    /// How this backend's unconditional writes ([`Backend::write`]) shared transactions so
-    /// far.
+    /// How this backend's unconditional writes ([`Backend::write`]) shared statements so far.
     fn write_statistics(&self) -> batch::BatchStatistics;
 
     /// Writes unconditionally; the last writer wins. Returns the new version.
@@ -813,8 +812,10 @@ macro_rules! sql_backend {
                 &self,
                 key: &$crate::backend::EntryKey,
             ) -> Result<Option<$crate::backend::Entry>, $crate::backend::BackendError> {
-                let key = std::borrow::Cow::Borrowed(key);
-                let batch = match self.reads.enter(key).await {
+                let batch = match self.reads.enter(|| key.clone()).await {
+                    $crate::backend::batch::Entered::Alone(slot) => {
+                        return slot.finish(self.read_one(key).await);
+                    }
                     $crate::backend::batch::Entered::Answered(answer) => return answer,
                     $crate::backend::batch::Entered::Lead(batch) => batch,
                 };
@@ -835,11 +836,14 @@ macro_rules! sql_backend {
                 key: &$crate::backend::EntryKey,
                 write: &$crate::backend::Write,
             ) -> Result<$crate::backend::Version, $crate::backend::BackendError> {
-                let request = std::borrow::Cow::Owned($crate::backend::WriteRequest {
+                let request = || $crate::backend::WriteRequest {
                     key: key.clone(),
                     write: write.clone(),
-                });
+                };
                 let batch = match self.writes.enter(request).await {
+                    $crate::backend::batch::Entered::Alone(slot) => {
+                        return slot.finish(self.write_one(key, write).await);
+                    }
                     $crate::backend::batch::Entered::Answered(answer) => return answer,
                     $crate::backend::batch::Entered::Lead(batch) => batch,
                 };
@@ -1083,49 +1087,68 @@ macro_rules! sql_backend {
         }
 
         impl $backend {
-            /// Reads a batch's keys: a lone key with the single-key statement, more with one
-            /// statement for all.
+            /// Reads one key with the single-key statement.
+            async fn read_one(
+                &self,
+                key: &$crate::backend::EntryKey,
+            ) -> Result<Option<$crate::backend::Entry>, sqlx::Error> {
+                let query = $crate::backend::bind_key(sqlx::query::<$db>($statements.read), key);
+                let mut connection = self.$read().await?;
+                let done = query.fetch_optional(&mut *connection).await;
+                let row = connection.checked(done)?;
+                row.as_ref()
+                    .map($crate::backend::entry_from_row)
+                    .transpose()
+            }
+
+            /// Reads a batch's keys in one statement (a batch handed on with one key left, with
+            /// the single-key statement).
             async fn read_batch(
                 &self,
                 batch: &$crate::backend::ReadBatch<'_>,
             ) -> Result<Vec<Option<$crate::backend::Entry>>, sqlx::Error> {
-                let mut connection = self.$read().await?;
-                if batch.request_count() == 1 {
-                    let key = batch
-                        .requests()
-                        .next()
-                        .expect("a batch holds its leader's key");
-                    let query =
-                        $crate::backend::bind_key(sqlx::query::<$db>($statements.read), key);
-                    let done = query.fetch_optional(&mut *connection).await;
-                    let row = connection.checked(done)?;
-                    return Ok(vec![
-                        row.as_ref()
-                            .map($crate::backend::entry_from_row)
-                            .transpose()?,
-                    ]);
+                if let Some(key) = batch.single() {
+                    return Ok(vec![self.read_one(key).await?]);
                 }
                 let query = $bind_keys(sqlx::query::<$db>($statements.read_many), batch);
+                let mut connection = self.$read().await?;
                 let done = query.fetch_all(&mut *connection).await;
                 let rows = connection.checked(done)?;
                 $crate::backend::entries_by_position(&rows, batch.request_count())
             }
 
-            /// Runs a batch's writes: a lone write with the single-key statement, more with one
-            /// statement per round of distinct keys (a key written twice goes in two rounds, in
-            /// the order of its calls), in one transaction when there are several rounds. Each statement takes its rows'
-            /// locks in key order, as every batch of every server does, so two batches never
-            /// wait on each other's rows in a cycle.
+            /// Writes one key with the single-key upsert.
+            async fn write_one(
+                &self,
+                key: &$crate::backend::EntryKey,
+                write: &$crate::backend::Write,
+            ) -> Result<$crate::backend::Version, sqlx::Error> {
+                let query = $crate::backend::bind_key(sqlx::query::<$db>($statements.write), key);
+                let query = $crate::backend::bind_payload(query, write)
+                    .bind(write.now_ms)
+                    .bind(write.deleted)
+                    .bind(self.keep_all_versions);
+                let mut connection = self.$write().await?;
+                let done = query.fetch_one(&mut *connection).await;
+                let row = connection.checked(done)?;
+                $crate::backend::version_from_row(&row)
+            }
+
+            /// Runs a batch's writes with one statement per round of distinct keys (a key
+            /// written twice goes in two rounds, in the order of its calls), in one transaction
+            /// when there are several rounds (a batch handed on with one write left, with the
+            /// single-key upsert). Each statement takes its rows' locks in key order, as every
+            /// batch of every server does, so two batches never wait on each other's rows in a
+            /// cycle.
             async fn write_batch(
                 &self,
                 batch: &$crate::backend::WriteBatch<'_>,
             ) -> Result<Vec<$crate::backend::Version>, sqlx::Error> {
+                if let Some(request) = batch.single() {
+                    return Ok(vec![self.write_one(&request.key, &request.write).await?]);
+                }
                 let requests: Vec<&$crate::backend::WriteRequest> = batch.requests().collect();
                 let mut connection = self.$write().await?;
-                if let [request] = requests[..] {
-                    let done = self.upsert(&mut connection, request).await;
-                    return Ok(vec![connection.checked(done)?]);
-                }
                 let rounds = $crate::backend::write_rounds(&requests);
                 let done = async {
                     let mut versions = vec![None; requests.len()];
@@ -1169,23 +1192,6 @@ macro_rules! sql_backend {
                     versions[position] = Some(version);
                 }
                 Ok(())
-            }
-
-            /// One write's upsert on `connection`.
-            async fn upsert(
-                &self,
-                connection: &mut <$db as sqlx::Database>::Connection,
-                request: &$crate::backend::WriteRequest,
-            ) -> Result<$crate::backend::Version, sqlx::Error> {
-                let query =
-                    $crate::backend::bind_key(sqlx::query::<$db>($statements.write), &request.key);
-                let row = $crate::backend::bind_payload(query, &request.write)
-                    .bind(request.write.now_ms)
-                    .bind(request.write.deleted)
-                    .bind(self.keep_all_versions)
-                    .fetch_one(&mut *connection)
-                    .await?;
-                $crate::backend::version_from_row(&row)
             }
 
             /// The latest version of `key` if `wanted` picks it, else the retained version

@@ -21,8 +21,8 @@ use sqlx::sqlite::{
 
 use super::connections::{ConnectionSet, Lease, SetLimits};
 use super::{
-    BackendError, OpenOptions, ReadBatch, ReadBatcher, Statements, WriteBatcher, WriteRequest,
-    sql_backend, upsert_on_conflict,
+    BackendError, EntryKey, OpenOptions, ReadBatch, ReadBatcher, Statements, WriteBatcher,
+    WriteRequest, sql_backend, upsert_on_conflict,
 };
 use crate::codec;
 
@@ -246,6 +246,15 @@ impl SqliteBackend {
     }
 }
 
+/// Writes `key`'s five columns as the first members of a JSON array, leaving it open.
+fn open_key_tuple(json: &mut String, key: &EntryKey) {
+    let _ = write!(json, "[{},{}", key.universe, key.kind as i16);
+    for text in [&key.store, &key.scope, &key.key] {
+        json.push(',');
+        codec::write_string(json, text);
+    }
+}
+
 /// Binds the keys of a `read_many` statement as one JSON array of
 /// `[universe, kind, store, scope, key]` arrays, which the statement walks with `json_each`.
 fn bind_keys<'q>(
@@ -258,12 +267,7 @@ fn bind_keys<'q>(
         if position > 0 {
             json.push(',');
         }
-        let _ = write!(json, "[{},{},", key.universe, key.kind as i16);
-        codec::write_string(&mut json, &key.store);
-        json.push(',');
-        codec::write_string(&mut json, &key.scope);
-        json.push(',');
-        codec::write_string(&mut json, &key.key);
+        open_key_tuple(&mut json, key);
         json.push(']');
     }
     json.push(']');
@@ -283,20 +287,13 @@ fn bind_writes<'q, 'w>(
         if position > 0 {
             json.push(',');
         }
-        let (key, write) = (&request.key, &request.write);
-        let _ = write!(json, "[{},{},", key.universe, key.kind as i16);
-        for text in [
-            &key.store,
-            &key.scope,
-            &key.key,
-            &write.value,
-            &write.user_ids,
-            &write.metadata,
-        ] {
-            codec::write_string(&mut json, text);
+        let write = &request.write;
+        open_key_tuple(&mut json, &request.key);
+        for text in [&write.value, &write.user_ids, &write.metadata] {
             json.push(',');
+            codec::write_string(&mut json, text);
         }
-        let _ = write!(json, "{},{}]", write.now_ms, write.deleted);
+        let _ = write!(json, ",{},{}]", write.now_ms, write.deleted);
     }
     json.push(']');
     query.bind(json).bind(keep_all_versions)
