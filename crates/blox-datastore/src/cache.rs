@@ -6,6 +6,10 @@
 //! observe this (a write from another server stays invisible for up to 4 seconds), so Blox
 //! reproduces it. Entries are keyed by scope and key, because an `AllScopes` object reaches
 //! every scope of its store.
+//!
+//! Calls of one server complete in any order (a batch, a retried UpdateAsync), so an entry
+//! keeps the newest version the object has seen: a state older than the cached one does not
+//! replace it.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -18,8 +22,11 @@ pub const CACHE_WINDOW: Duration = Duration::from_secs(4);
 /// reads many keys does not grow without bound.
 const SWEEP_AT: usize = 4096;
 
-/// The entries of one scope: each key's state and when it stops being fresh.
-type Entries<T> = HashMap<String, (T, Duration)>;
+/// One key's cached state, what version it is (when known), and when it stops being fresh.
+type Cached<T> = (T, Option<i64>, Duration);
+
+/// The entries of one scope, by key.
+type Entries<T> = HashMap<String, Cached<T>>;
 
 /// What one DataStore object has read or written recently.
 ///
@@ -45,7 +52,7 @@ impl<T: Clone> ReadCache<T> {
     /// The cached state of `scope/key` if it is still fresh at `now`.
     pub fn get(&self, scope: &str, key: &str, now: Duration) -> Option<T> {
         let scopes = self.scopes.borrow();
-        let (state, expires) = scopes.get(scope)?.get(key)?;
+        let (state, _, expires) = scopes.get(scope)?.get(key)?;
         (now < *expires).then(|| state.clone())
     }
 
@@ -59,20 +66,25 @@ impl<T: Clone> ReadCache<T> {
         }
     }
 
-    /// Records the state of `scope/key` as of `now`, fresh for [`CACHE_WINDOW`].
-    pub fn put(&self, scope: &str, key: &str, state: T, now: Duration) {
+    /// Records the state of `scope/key` as of `now`, fresh for [`CACHE_WINDOW`], unless the
+    /// cache holds a newer version of it: `seq` is the state's version sequence, when known
+    /// (a missing key's state has none and always replaces the entry).
+    pub fn put(&self, scope: &str, key: &str, state: T, seq: Option<i64>, now: Duration) {
         let mut scopes = self.scopes.borrow_mut();
-        let fresh = (state, now + CACHE_WINDOW);
+        let fresh = (state, seq, now + CACHE_WINDOW);
         if let Some(entry) = scopes
             .get_mut(scope)
             .and_then(|entries| entries.get_mut(key))
         {
-            *entry = fresh;
+            let older = matches!((seq, entry.1), (Some(seq), Some(cached)) if seq < cached);
+            if !older {
+                *entry = fresh;
+            }
             return;
         }
         if self.len.get() >= SWEEP_AT {
             scopes.retain(|_, entries| {
-                entries.retain(|_, (_, expires)| now < *expires);
+                entries.retain(|_, (_, _, expires)| now < *expires);
                 !entries.is_empty()
             });
             self.len.set(scopes.values().map(HashMap::len).sum());
@@ -93,7 +105,7 @@ mod tests {
     fn entries_expire_after_the_window_and_writes_restart_it() {
         let cache = ReadCache::default();
         let at = Duration::from_secs;
-        cache.put("global", "k", 1, at(10));
+        cache.put("global", "k", 1, None, at(10));
         assert_eq!(cache.get("global", "k", at(13)), Some(1));
         assert_eq!(cache.get("other", "k", at(13)), None);
         assert_eq!(
@@ -101,7 +113,7 @@ mod tests {
             None,
             "4 seconds later it is stale"
         );
-        cache.put("global", "k", 2, at(13));
+        cache.put("global", "k", 2, None, at(13));
         assert_eq!(
             cache.get("global", "k", at(16)),
             Some(2),
@@ -110,12 +122,34 @@ mod tests {
     }
 
     #[test]
+    fn a_state_older_than_the_cached_one_does_not_replace_it() {
+        let cache = ReadCache::default();
+        let at = Duration::from_secs;
+        cache.put("global", "k", "version 5", Some(5), at(10));
+        cache.put("global", "k", "version 4", Some(4), at(11));
+        assert_eq!(cache.get("global", "k", at(11)), Some("version 5"));
+        assert_eq!(
+            cache.get("global", "k", at(14)),
+            None,
+            "the older state did not restart the window either"
+        );
+        cache.put("global", "k", "version 6", Some(6), at(12));
+        assert_eq!(cache.get("global", "k", at(12)), Some("version 6"));
+        cache.put("global", "k", "removed", None, at(12));
+        assert_eq!(
+            cache.get("global", "k", at(12)),
+            Some("removed"),
+            "a state without a version always replaces"
+        );
+    }
+
+    #[test]
     fn expired_entries_are_swept_as_the_cache_grows() {
         let cache = ReadCache::default();
         for i in 0..SWEEP_AT {
-            cache.put("global", &i.to_string(), i, Duration::ZERO);
+            cache.put("global", &i.to_string(), i, None, Duration::ZERO);
         }
-        cache.put("global", "late", 0, CACHE_WINDOW * 2);
+        cache.put("global", "late", 0, None, CACHE_WINDOW * 2);
         assert_eq!(cache.len.get(), 1);
         assert_eq!(cache.scopes.borrow()["global"].len(), 1);
     }

@@ -40,6 +40,7 @@ macro_rules! instance_methods {
     };
 }
 
+mod attached;
 pub mod backend;
 pub mod budget;
 pub mod cache;

@@ -52,6 +52,7 @@ pub(crate) trait PageSource: 'static {
     /// The page after `after`.
     async fn fetch(
         &self,
+        lua: &mlua::Lua,
         context: &DataStoreContext,
         after: Position,
     ) -> mlua::Result<Page<Self::Item>>;
@@ -103,6 +104,7 @@ impl PageSource for KeyQuery {
 
     async fn fetch(
         &self,
+        lua: &mlua::Lua,
         context: &DataStoreContext,
         after: Position,
     ) -> mlua::Result<Page<DataStoreKey>> {
@@ -110,9 +112,12 @@ impl PageSource for KeyQuery {
         listing.after = after;
         listing.limit = self.page_size + 1;
         let mut rows = context
-            .run(Self::API, &self.store_name, move |backend| async move {
-                Ok(backend.list_keys(&listing).await?)
-            })
+            .run(
+                lua,
+                Self::API,
+                &self.store_name,
+                move |backend| async move { Ok(backend.list_keys(&listing).await?) },
+            )
             .await?;
         let next = keep_page(&mut rows, self.page_size).cloned();
         let names = rows
@@ -159,6 +164,7 @@ impl PageSource for StoreQuery {
 
     async fn fetch(
         &self,
+        lua: &mlua::Lua,
         context: &DataStoreContext,
         after: Position,
     ) -> mlua::Result<Page<DataStoreInfo>> {
@@ -166,7 +172,7 @@ impl PageSource for StoreQuery {
         listing.after = after.1;
         listing.limit = self.page_size + 1;
         let mut stores = context
-            .run(Self::API, "", move |backend| async move {
+            .run(lua, Self::API, "", move |backend| async move {
                 Ok(backend.list_stores(&listing).await?)
             })
             .await?;
@@ -204,6 +210,7 @@ impl PageSource for VersionQuery {
 
     async fn fetch(
         &self,
+        lua: &mlua::Lua,
         context: &DataStoreContext,
         after: Position,
     ) -> mlua::Result<Page<DataStoreObjectVersionInfo>> {
@@ -211,9 +218,12 @@ impl PageSource for VersionQuery {
         listing.after_seq = after.1.parse().ok();
         listing.limit = self.page_size + 1;
         let mut versions = context
-            .run(Self::API, &self.store_name, move |backend| async move {
-                Ok(backend.list_versions(&listing).await?)
-            })
+            .run(
+                lua,
+                Self::API,
+                &self.store_name,
+                move |backend| async move { Ok(backend.list_versions(&listing).await?) },
+            )
             .await?;
         let next = keep_page(&mut versions, self.page_size)
             .map(|last| (String::new(), last.version.seq.to_string()));
@@ -285,7 +295,7 @@ impl<S: PageSource> Pages<S> {
             .budgets
             .acquire(lua, S::FAMILY, 1, S::API, source.store_name(), "")
             .await?;
-        let page = source.fetch(&context, after).await?;
+        let page = source.fetch(lua, &context, after).await?;
         Ok(Self {
             context,
             source,
@@ -326,7 +336,7 @@ impl<S: PageSource> UserData for Pages<S> {
                     .budgets
                     .acquire(&lua, S::FAMILY, 1, S::API, &store, "")
                     .await?;
-                let next = pages.source.fetch(&pages.context, after).await?;
+                let next = pages.source.fetch(&lua, &pages.context, after).await?;
                 *pages.page.borrow_mut() = next;
                 Ok(())
             })

@@ -102,7 +102,7 @@ impl OrderedDataStore {
         let write_key = key.clone();
         this.0
             .context
-            .run("SetAsync", &this.0.name, move |backend| async move {
+            .run(&lua, "SetAsync", &this.0.name, move |backend| async move {
                 backend.write(&write_key, &ordered_write(value)).await?;
                 Ok(())
             })
@@ -130,32 +130,39 @@ impl OrderedDataStore {
         let value = this
             .0
             .context
-            .run("IncrementAsync", &this.0.name, move |backend| async move {
-                loop {
-                    let previous = backend.read(&write_key).await?;
-                    let current = match &previous {
-                        Some(entry) => entry
-                            .value
-                            .parse::<i64>()
-                            .map_err(|_| OperationError::from(DataStoreError::NotNumeric))?,
-                        None => 0,
-                    };
-                    let next = current.saturating_add(delta);
-                    if next.abs() > MAX_EXACT_INTEGER {
-                        return Err(DataStoreError::OrderedValueNotAllowed("double".into()).into());
+            .run(
+                &lua,
+                "IncrementAsync",
+                &this.0.name,
+                move |backend| async move {
+                    loop {
+                        let previous = backend.read(&write_key).await?;
+                        let current = match &previous {
+                            Some(entry) => entry
+                                .value
+                                .parse::<i64>()
+                                .map_err(|_| OperationError::from(DataStoreError::NotNumeric))?,
+                            None => 0,
+                        };
+                        let next = current.saturating_add(delta);
+                        if next.abs() > MAX_EXACT_INTEGER {
+                            return Err(
+                                DataStoreError::OrderedValueNotAllowed("double".into()).into()
+                            );
+                        }
+                        let expected = previous.as_ref().map(|entry| &entry.version);
+                        let write = ordered_write(next);
+                        let created = operations::created_ms(previous.as_ref(), write.now_ms);
+                        if backend
+                            .write_if(&write_key, expected, created, &write)
+                            .await?
+                            .is_some()
+                        {
+                            return Ok(next);
+                        }
                     }
-                    let expected = previous.as_ref().map(|entry| &entry.version);
-                    let write = ordered_write(next);
-                    let created = operations::created_ms(previous.as_ref(), write.now_ms);
-                    if backend
-                        .write_if(&write_key, expected, created, &write)
-                        .await?
-                        .is_some()
-                    {
-                        return Ok(next);
-                    }
-                }
-            })
+                },
+            )
             .await?;
         this.written(&lua, &key, Some(value))
     }
@@ -182,9 +189,12 @@ impl OrderedDataStore {
             let previous = this
                 .0
                 .context
-                .run("UpdateAsync", &this.0.name, move |backend| async move {
-                    Ok(backend.read(&read_key).await?)
-                })
+                .run(
+                    &lua,
+                    "UpdateAsync",
+                    &this.0.name,
+                    move |backend| async move { Ok(backend.read(&read_key).await?) },
+                )
                 .await?;
             let Some(next) = transform_ordered(&transform, previous.as_ref())? else {
                 return Ok(Value::Nil);
@@ -202,11 +212,16 @@ impl OrderedDataStore {
             let written = this
                 .0
                 .context
-                .run("UpdateAsync", &this.0.name, move |backend| async move {
-                    Ok(backend
-                        .write_if(&write_key, expected.as_ref(), created, &write)
-                        .await?)
-                })
+                .run(
+                    &lua,
+                    "UpdateAsync",
+                    &this.0.name,
+                    move |backend| async move {
+                        Ok(backend
+                            .write_if(&write_key, expected.as_ref(), created, &write)
+                            .await?)
+                    },
+                )
                 .await?;
             if written.is_some() {
                 return this.written(&lua, &key, Some(next));
@@ -223,9 +238,12 @@ impl OrderedDataStore {
         let removed = this
             .0
             .context
-            .run("RemoveAsync", &this.0.name, move |backend| async move {
-                Ok(backend.delete(&remove_key).await?)
-            })
+            .run(
+                &lua,
+                "RemoveAsync",
+                &this.0.name,
+                move |backend| async move { Ok(backend.delete(&remove_key).await?) },
+            )
             .await?;
         this.written(&lua, &key, None)?;
         Ok(removed
@@ -318,15 +336,20 @@ impl OrderedDataStore {
         let found = this
             .0
             .context
-            .run("BatchGetAsync", &this.0.name, move |backend| async move {
-                let mut found = Vec::with_capacity(entry_keys.len());
-                for key in entry_keys {
-                    if let Some(entry) = backend.read(&key).await? {
-                        found.push((key.key, entry.value));
+            .run(
+                &lua,
+                "BatchGetAsync",
+                &this.0.name,
+                move |backend| async move {
+                    let mut found = Vec::with_capacity(entry_keys.len());
+                    for key in entry_keys {
+                        if let Some(entry) = backend.read(&key).await? {
+                            found.push((key.key, entry.value));
+                        }
                     }
-                }
-                Ok(found)
-            })
+                    Ok(found)
+                },
+            )
             .await?;
         let results = lua.create_table()?;
         for (key, value) in found {
@@ -433,6 +456,7 @@ impl PageSource for SortedQuery {
 
     async fn fetch(
         &self,
+        lua: &mlua::Lua,
         context: &DataStoreContext,
         after: Position,
     ) -> mlua::Result<Page<SortedEntry>> {
@@ -440,9 +464,12 @@ impl PageSource for SortedQuery {
         listing.after = after.0.parse().ok().map(|value| (value, after.1));
         listing.limit = self.page_size + 1;
         let mut entries = context
-            .run(Self::API, &self.store_name, move |backend| async move {
-                Ok(backend.list_sorted(&listing).await?)
-            })
+            .run(
+                lua,
+                Self::API,
+                &self.store_name,
+                move |backend| async move { Ok(backend.list_sorted(&listing).await?) },
+            )
             .await?;
         let next = keep_page(&mut entries, self.page_size)
             .map(|(key, value)| (value.to_string(), key.clone()));

@@ -3,11 +3,12 @@
 //!
 //! Every `*Async` method runs inside [`yielding`]: a thread that cannot yield (an UpdateAsync
 //! transform) is refused before any work is sent; the method validates its arguments (a bad
-//! call raises at once and writes nothing), hands the database work to the database runtime
-//! and parks the calling thread on the join handle; an answer that needed no wait (a cache
-//! hit) still yields once, because Roblox libraries connect to their own signals after the
-//! call and hang if it returns without yielding. The VM thread only converts values; it never
-//! waits on the database.
+//! call raises at once and writes nothing), starts the database work (polled by the calling
+//! thread inside the database runtime's context, or spawned onto that runtime, as the backend
+//! runs best: [`DataStoreContext::run`]) and parks the calling thread until it is done; an
+//! answer that needed no wait (a cache hit) still yields once, because Roblox libraries
+//! connect to their own signals after the call and hang if it returns without yielding. The
+//! VM thread never waits on the database: while a call's work waits, other threads run.
 
 use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::HashMap;
@@ -21,6 +22,7 @@ use mlua::{
 };
 
 use crate::DataStoreError;
+use crate::attached::Attached;
 use crate::backend::{
     Backend, Entry, EntryKey, KeyListing, ScopeRange, StoreKind, StoreListing, Version,
     VersionListing, Write, stored_text,
@@ -57,6 +59,8 @@ pub struct DataStoreContext {
     updates: UpdateWatch,
     /// This server's request budgets and throttle queues.
     pub(crate) budgets: RequestBudgets,
+    /// Whether calls poll their database work themselves ([`Backend::polled_by_caller`]).
+    polled_by_caller: bool,
 }
 
 impl DataStoreContext {
@@ -70,6 +74,7 @@ impl DataStoreContext {
         throttling: Throttling,
     ) -> Rc<Self> {
         Rc::new(Self {
+            polled_by_caller: backend.polled_by_caller(),
             backend,
             runtime,
             universe,
@@ -102,9 +107,12 @@ impl DataStoreContext {
         self.runtime.spawn(work(Arc::clone(&self.backend)));
     }
 
-    /// Runs `work` on the database runtime and waits for it without blocking the VM thread.
+    /// Runs `work` for the calling thread and waits for it without blocking the VM thread:
+    /// polled by the calling thread inside the database runtime's context ([`Attached`]) when
+    /// the backend runs best that way, spawned onto the database runtime otherwise.
     pub(crate) async fn run<T, F, W>(
         &self,
+        lua: &Lua,
         api: &'static str,
         store: &str,
         work: W,
@@ -114,7 +122,12 @@ impl DataStoreContext {
         F: Future<Output = Result<T, OperationError>> + Send + 'static,
         W: FnOnce(Arc<dyn Backend>) -> F,
     {
-        let joined = self.runtime.spawn(work(Arc::clone(&self.backend))).await;
+        let work = work(Arc::clone(&self.backend));
+        let joined = if self.polled_by_caller {
+            Ok(Attached::new(lua, self.runtime.clone(), work).await)
+        } else {
+            self.runtime.spawn(work).await
+        };
         let failure = match joined {
             Ok(Ok(value)) => return Ok(value),
             Ok(Err(OperationError::Rejected(error))) => return Err(error.into()),
@@ -449,7 +462,8 @@ impl DataStore {
     /// Records what the object now knows of `key`, fresh for the cache window.
     fn remember(&self, lua: &Lua, key: &EntryKey, state: Option<Rc<(KnownValue, KeyInfo)>>) {
         let now = Scheduler::of(lua).now();
-        self.cache.put(&key.scope, &key.key, state, now);
+        let seq = state.as_ref().map(|known| known.1.version.seq);
+        self.cache.put(&key.scope, &key.key, state, seq, now);
     }
 
     /// Records a write made through this object: its cache and this server's `OnUpdate`
@@ -501,7 +515,7 @@ impl DataStore {
         // are freed there and the VM thread only receives what it hands to the script.
         let found = self
             .context
-            .run("GetAsync", &self.name, move |backend| async move {
+            .run(lua, "GetAsync", &self.name, move |backend| async move {
                 let found = operations::get(backend.as_ref(), &read_key).await?;
                 Ok(found.map(|(value, entry)| {
                     (KnownValue::Decoded(value), KeyInfo::from_entry(&entry))
@@ -526,7 +540,7 @@ impl DataStore {
         let write_key = key.clone();
         let (written, info) = this
             .context
-            .run("SetAsync", &this.name, move |backend| async move {
+            .run(&lua, "SetAsync", &this.name, move |backend| async move {
                 let write = Write {
                     value,
                     user_ids,
@@ -568,7 +582,7 @@ impl DataStore {
             let read_key = Arc::clone(&key);
             let previous = this
                 .context
-                .run("UpdateAsync", &this.name, move |backend| async move {
+                .run(&lua, "UpdateAsync", &this.name, move |backend| async move {
                     let entry = backend.read(&read_key).await?;
                     let live = match &entry {
                         Some(entry) if !entry.deleted => Some(codec::decode(&entry.value)?),
@@ -607,7 +621,7 @@ impl DataStore {
             let expected = entry.as_ref().map(|entry| entry.version);
             let (written, write) = this
                 .context
-                .run("UpdateAsync", &this.name, move |backend| async move {
+                .run(&lua, "UpdateAsync", &this.name, move |backend| async move {
                     let written = backend
                         .write_if(&write_key, expected.as_ref(), created, &write)
                         .await?;
@@ -651,17 +665,22 @@ impl DataStore {
             .await?;
         let (value, version) = this
             .context
-            .run("IncrementAsync", &this.name, move |backend| async move {
-                let (value, version) = operations::increment(
-                    backend.as_ref(),
-                    &key,
-                    delta,
-                    user_ids.clone(),
-                    metadata.clone(),
-                )
-                .await?;
-                Ok((value, (version, user_ids, metadata)))
-            })
+            .run(
+                &lua,
+                "IncrementAsync",
+                &this.name,
+                move |backend| async move {
+                    let (value, version) = operations::increment(
+                        backend.as_ref(),
+                        &key,
+                        delta,
+                        user_ids.clone(),
+                        metadata.clone(),
+                    )
+                    .await?;
+                    Ok((value, (version, user_ids, metadata)))
+                },
+            )
             .await?;
         let (version, user_ids, metadata) = version;
         let info = KeyInfo {
@@ -737,11 +756,16 @@ impl DataStore {
             .await?;
         let found = this
             .context
-            .run("GetVersionAsync", &this.name, move |backend| async move {
-                let entry = backend.read_version(&key, seq).await?;
-                let entry = entry.filter(|entry| version_string(&entry.version) == version);
-                live_value(entry)
-            })
+            .run(
+                &lua,
+                "GetVersionAsync",
+                &this.name,
+                move |backend| async move {
+                    let entry = backend.read_version(&key, seq).await?;
+                    let entry = entry.filter(|entry| version_string(&entry.version) == version);
+                    live_value(entry)
+                },
+            )
             .await?;
         value_and_info(&lua, found.as_ref())
     }
@@ -770,6 +794,7 @@ impl DataStore {
         let found = this
             .context
             .run(
+                &lua,
                 "GetVersionAtTimeAsync",
                 &this.name,
                 move |backend| async move {
@@ -819,6 +844,7 @@ impl DataStore {
         let remove_key = key.clone();
         this.context
             .run(
+                &lua,
                 "RemoveVersionAsync",
                 &this.name,
                 move |backend| async move {
@@ -841,7 +867,7 @@ impl DataStore {
         let remove_key = key.clone();
         let removed = this
             .context
-            .run("RemoveAsync", &this.name, move |backend| async move {
+            .run(&lua, "RemoveAsync", &this.name, move |backend| async move {
                 operations::remove(backend.as_ref(), &remove_key).await
             })
             .await?

@@ -131,6 +131,33 @@ pub struct Scheduler {
     watchdog: RefCell<Option<watchdog::Watchdog>>,
     /// How many polls are running inside each other (task.spawn resumes at once).
     poll_depth: Cell<usize>,
+    /// What to run when a thread is stopped while it awaits a Rust future, by thread.
+    stop_hooks: RefCell<HashMap<*const c_void, Vec<(u64, StopHook)>>>,
+}
+
+type StopHook = Box<dyn FnOnce()>;
+
+/// Keeps a hook given to [`Scheduler::on_stop`] registered; dropping it unregisters the hook.
+#[must_use = "the hook is unregistered when the guard drops"]
+pub struct StopGuard {
+    scheduler: std::rc::Weak<Scheduler>,
+    thread: *const c_void,
+    id: u64,
+}
+
+impl Drop for StopGuard {
+    fn drop(&mut self) {
+        let Some(scheduler) = self.scheduler.upgrade() else {
+            return;
+        };
+        let mut hooks = scheduler.stop_hooks.borrow_mut();
+        if let Some(registered) = hooks.get_mut(&self.thread) {
+            registered.retain(|(id, _)| *id != self.id);
+            if registered.is_empty() {
+                hooks.remove(&self.thread);
+            }
+        }
+    }
 }
 
 impl Scheduler {
@@ -154,6 +181,7 @@ impl Scheduler {
             traceback: debug.get("traceback")?,
             watchdog: RefCell::default(),
             poll_depth: Cell::new(0),
+            stop_hooks: RefCell::default(),
         });
         lua.set_app_data(Rc::clone(&scheduler));
         install(lua)?;
@@ -220,11 +248,37 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Stops `thread` wherever it is parked, like `task.cancel`.
+    /// Runs `hook` if `thread` is stopped ([`Scheduler::cancel`]: `task.cancel`,
+    /// `coroutine.close`) before the returned guard drops. A stopped thread never polls the
+    /// future it was awaiting again, and mlua frees that future only when the garbage collector
+    /// gets to the thread: a future whose work must not wait that long (it holds a database
+    /// connection, or requests of other threads queue behind it) hands the work on here.
+    pub fn on_stop(self: &Rc<Self>, thread: &Thread, hook: impl FnOnce() + 'static) -> StopGuard {
+        let id = self.next_id.get();
+        self.next_id.set(id + 1);
+        let pointer = thread.to_pointer();
+        self.stop_hooks
+            .borrow_mut()
+            .entry(pointer)
+            .or_default()
+            .push((id, Box::new(hook)));
+        StopGuard {
+            scheduler: Rc::downgrade(self),
+            thread: pointer,
+            id,
+        }
+    }
+
+    /// Stops `thread` wherever it is parked, like `task.cancel`, and runs the hooks given to
+    /// [`Scheduler::on_stop`] for it.
     pub fn cancel(&self, thread: &Thread) {
         let pointer = thread.to_pointer();
         if let Some(id) = self.task_of_thread.borrow_mut().remove(&pointer) {
             self.tasks.borrow_mut().remove(&id);
+        }
+        let hooks = self.stop_hooks.borrow_mut().remove(&pointer);
+        for (_, hook) in hooks.into_iter().flatten() {
+            hook();
         }
         self.deferred
             .borrow_mut()

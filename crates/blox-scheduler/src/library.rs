@@ -6,7 +6,9 @@
 //! adapters turn them into strings where scripts can see them. And a coroutine that a script
 //! resumes by hand may park on a Rust future (a DataStore call); mlua then yields a "pending"
 //! marker to the resumer, so the adapter hands such a thread to the scheduler and reports a
-//! plain yield, exactly what the script would see on Roblox.
+//! plain yield, exactly what the script would see on Roblox. `coroutine.close` of a suspended
+//! thread stops it in the scheduler too, as `task.cancel` does, so nothing resumes it later and
+//! the future it awaited can hand its work on ([`Scheduler::on_stop`]).
 
 use std::time::Duration;
 
@@ -18,8 +20,8 @@ use crate::{Scheduler, error_message};
 const LEGACY_MIN_WAIT: f64 = 0.03;
 
 const ADAPTERS: &str = r##"
-local native_pcall, native_xpcall, native_resume, native_create, adopt, pending, plain = ...
-local select, error = select, error
+local native_pcall, native_xpcall, native_resume, native_create, native_close, native_status, adopt, stop, pending, plain = ...
+local select, error, type = select, error, type
 
 local function after_pcall(ok, ...)
     if ok then
@@ -64,6 +66,13 @@ coroutine.resume = function(co, ...)
     return after_resume(co, native_resume(co, ...))
 end
 
+coroutine.close = function(co)
+    if type(co) == "thread" and native_status(co) == "suspended" then
+        stop(co)
+    end
+    return native_close(co)
+end
+
 coroutine.wrap = function(f)
     local co = native_create(f)
     return function(...)
@@ -95,17 +104,24 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
         })
     })?;
     let adopt = lua.create_function(|lua, thread: Thread| Scheduler::of(lua).adopt(thread))?;
+    let stop = lua.create_function(|lua, thread: Thread| {
+        Scheduler::of(lua).cancel(&thread);
+        Ok(())
+    })?;
+    let close: Function = coroutine.get("close")?;
     lua.load(ADAPTERS).set_name("=blox.adapters").call::<()>((
         globals.get::<Function>("pcall")?,
         globals.get::<Function>("xpcall")?,
         coroutine.get::<Function>("resume")?,
         coroutine.get::<Function>("create")?,
+        close.clone(),
+        coroutine.get::<Function>("status")?,
         adopt,
+        stop,
         Lua::poll_pending(),
         plain,
     ))?;
 
-    let close: Function = coroutine.get("close")?;
     let task = lua.create_table()?;
     task.set(
         "spawn",

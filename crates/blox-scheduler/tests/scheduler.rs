@@ -279,6 +279,60 @@ fn a_runaway_thread_is_stopped_and_the_rest_goes_on() {
 
 /// Registers `waitForValue()`, which parks the calling thread on a fresh oneshot channel, and
 /// returns the senders in the order the threads parked.
+/// Registers `stopWatched()`: parks its thread on a future with a stop hook that counts into
+/// the returned cell; the guard lives as long as the future.
+fn park_with_stop_hook(h: &Harness) -> Rc<std::cell::Cell<u32>> {
+    let stopped: Rc<std::cell::Cell<u32>> = Rc::default();
+    let counter = Rc::clone(&stopped);
+    let watched = h
+        .lua
+        .create_async_function(move |lua, finish: bool| {
+            let counter = Rc::clone(&counter);
+            let guard = Scheduler::of(&lua).on_stop(&lua.current_thread(), move || {
+                counter.set(counter.get() + 1);
+            });
+            async move {
+                let _guard = guard;
+                if !finish {
+                    std::future::pending::<()>().await;
+                }
+                Ok(())
+            }
+        })
+        .unwrap();
+    h.lua.globals().set("stopWatched", watched).unwrap();
+    stopped
+}
+
+#[test]
+fn stopping_a_parked_thread_runs_its_stop_hooks_once() {
+    let h = Harness::new();
+    let stopped = park_with_stop_hook(&h);
+    h.start(
+        r#"
+        cancelled = task.spawn(function() stopWatched(false) end)
+        closed = coroutine.create(function() stopWatched(false) end)
+        coroutine.resume(closed)
+        task.spawn(function() stopWatched(true); finished = true end)
+        "#,
+    );
+    h.frame_after(0.02);
+    assert!(h.global::<bool>("finished"));
+    assert_eq!(
+        stopped.get(),
+        0,
+        "no hook runs for a running or finished call"
+    );
+    h.start("task.cancel(cancelled)");
+    assert_eq!(stopped.get(), 1, "task.cancel runs the hook");
+    h.start("assert(coroutine.close(closed)); closedStatus = coroutine.status(closed)");
+    assert_eq!(stopped.get(), 2, "coroutine.close runs the hook");
+    assert_eq!(h.global::<String>("closedStatus"), "dead");
+    h.start("task.cancel(cancelled); coroutine.close(closed)");
+    assert_eq!(stopped.get(), 2, "each hook runs once");
+    assert!(h.scheduler.is_idle());
+}
+
 fn park_on_channels(h: &Harness) -> Rc<RefCell<Vec<oneshot::Sender<i64>>>> {
     let senders: Rc<RefCell<Vec<oneshot::Sender<i64>>>> = Rc::default();
     let registry = Rc::clone(&senders);

@@ -369,6 +369,14 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// The current row of `key`, tombstones included; `None` if it was never written.
     async fn read(&self, key: &EntryKey) -> Result<Option<Entry>, BackendError>;
 
+    /// Whether a DataStore call's work on this backend runs best polled by the thread that
+    /// awaits it, inside the database runtime's context, rather than spawned onto the
+    /// database runtime. PostgreSQL's work is socket I/O, and polling it where it is awaited
+    /// saves two wake-ups across threads per call; SQLite's statements already run on worker
+    /// threads of their own, and polling where they are awaited would move decoding their
+    /// rows onto the VM thread, which competes with SQLite's in-process work for the cores.
+    fn polled_by_caller(&self) -> bool;
+
     /// How this backend's point reads ([`Backend::read`]) shared statements so far.
     fn read_statistics(&self) -> batch::BatchStatistics;
 
@@ -805,7 +813,7 @@ use upsert_on_conflict;
 /// Implements [`Backend`] for a dialect from the methods that hand out its reading and writing
 /// connections, and its [`Statements`].
 macro_rules! sql_backend {
-    ($backend:ty, $db:ty, $statements:expr, bind_keys = $bind_keys:path, bind_writes = $bind_writes:path, read_connection = $read:ident, write_connection = $write:ident) => {
+    ($backend:ty, $db:ty, $statements:expr, bind_keys = $bind_keys:path, bind_writes = $bind_writes:path, read_connection = $read:ident, write_connection = $write:ident, polled_by_caller = $polled_by_caller:expr) => {
         #[async_trait::async_trait]
         impl $crate::backend::Backend for $backend {
             async fn read(
@@ -821,6 +829,10 @@ macro_rules! sql_backend {
                 };
                 let read = self.read_batch(&batch).await;
                 batch.finish(read)
+            }
+
+            fn polled_by_caller(&self) -> bool {
+                $polled_by_caller
             }
 
             fn read_statistics(&self) -> $crate::backend::batch::BatchStatistics {

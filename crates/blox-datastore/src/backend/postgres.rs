@@ -292,5 +292,6 @@ sql_backend!(
     bind_keys = bind_keys,
     bind_writes = bind_writes,
     read_connection = connection,
-    write_connection = connection
+    write_connection = connection,
+    polled_by_caller = true
 );

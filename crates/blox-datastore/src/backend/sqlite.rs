@@ -306,5 +306,6 @@ sql_backend!(
     bind_keys = bind_keys,
     bind_writes = bind_writes,
     read_connection = read_connection,
-    write_connection = write_connection
+    write_connection = write_connection,
+    polled_by_caller = false
 );
