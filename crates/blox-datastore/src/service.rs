@@ -64,9 +64,9 @@ pub struct DataStoreContext {
 }
 
 impl DataStoreContext {
-    /// A context storing into `backend` for the game `universe`, running database work on
-    /// `runtime` (a multi-thread runtime other than the VM's), with request budgets as
-    /// `throttling` sets them.
+    /// A context storing into `backend` for the game `universe`, with database work on, or in
+    /// the context of, `runtime` (a multi-thread runtime other than the VM's; see
+    /// [`DataStoreContext::run`]), with request budgets as `throttling` sets them.
     pub fn new(
         backend: Arc<dyn Backend>,
         runtime: tokio::runtime::Handle,
@@ -1273,7 +1273,7 @@ impl UserData for DataStore {
 /// copy that the cache would most likely drop unread; one that is read is decoded once.
 #[derive(Debug)]
 pub(crate) enum KnownValue {
-    /// Read from the database, decoded on the database runtime.
+    /// Read from the database, decoded where the call's database work ran.
     Decoded(Stored),
     /// Written by this server: the stored JSON, decoded the first time a script reads it.
     Written {

@@ -1,10 +1,11 @@
 //! Hosting a Blox server: the database runtime, the storage backend and script runs.
 //!
 //! Two runtimes, on purpose. The Luau VM is single-threaded, so it runs on the calling thread
-//! under a Tokio current-thread runtime. Database work runs on a separate multi-thread runtime
-//! that owns the database connections: measured here, spawning the query there instead of
-//! polling it on the VM thread doubles PostgreSQL throughput from Luau, and the VM never
-//! blocks on I/O.
+//! under a Tokio current-thread runtime. A separate multi-thread runtime owns the database
+//! connections and runs their I/O drivers, so the VM never blocks on I/O and a connection
+//! outlives any VM. A DataStore call's work is spawned onto that runtime (SQLite) or polled by
+//! the calling Luau thread with that runtime entered (PostgreSQL, where it saves two
+//! cross-thread wake-ups per call); `blox_datastore`'s `attached` module says why.
 
 use std::future::Future;
 use std::path::PathBuf;

@@ -365,6 +365,16 @@ mod tests {
         read
     }
 
+    /// A read of "a" running alone, then reads of "b" and "c" queued behind it.
+    async fn running_and_queued(
+        batcher: &ReadBatcher,
+    ) -> (Slot<'_, EntryKey, Option<Entry>>, Waiting<'_>, Waiting<'_>) {
+        let running = alone(batcher).await;
+        let second = queued(batcher, &key("b")).await;
+        let third = queued(batcher, &key("c")).await;
+        (running, second, third)
+    }
+
     #[tokio::test]
     async fn a_read_with_a_free_slot_goes_at_once_and_alone() {
         let batcher = ReadBatcher::new(1);
@@ -378,9 +388,7 @@ mod tests {
     async fn reads_queued_behind_a_statement_go_together_and_each_gets_its_own_row() {
         let batcher = ReadBatcher::new(1);
         let (second, third) = (key("b"), key("c"));
-        let running = alone(&batcher).await;
-        let second_read = queued(&batcher, &second).await;
-        let third_read = queued(&batcher, &third).await;
+        let (running, second_read, third_read) = running_and_queued(&batcher).await;
         running.finish(Ok(None)).unwrap();
 
         let batch = lead(second_read.await);
@@ -404,10 +412,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_statement_fails_every_read_of_its_batch() {
         let batcher = ReadBatcher::new(1);
-        let (second, third) = (key("b"), key("c"));
-        let running = alone(&batcher).await;
-        let second_read = queued(&batcher, &second).await;
-        let third_read = queued(&batcher, &third).await;
+        let (running, second_read, third_read) = running_and_queued(&batcher).await;
         let alone = running.finish(Err(sqlx::Error::PoolTimedOut));
         assert!(matches!(alone, Err(BackendError::Database(_))));
 
@@ -425,10 +430,8 @@ mod tests {
     #[tokio::test]
     async fn a_leader_dropped_unfinished_hands_its_batch_on() {
         let batcher = ReadBatcher::new(1);
-        let (second, third) = (key("b"), key("c"));
-        let running = alone(&batcher).await;
-        let second_read = queued(&batcher, &second).await;
-        let third_read = queued(&batcher, &third).await;
+        let third = key("c");
+        let (running, second_read, third_read) = running_and_queued(&batcher).await;
         drop(running);
 
         let abandoned = lead(second_read.await);
@@ -443,10 +446,8 @@ mod tests {
     #[tokio::test]
     async fn a_reader_that_gives_up_leaves_its_place_to_the_next() {
         let batcher = ReadBatcher::new(1);
-        let (second, third) = (key("b"), key("c"));
-        let running = alone(&batcher).await;
-        let gave_up = queued(&batcher, &second).await;
-        let waiting = queued(&batcher, &third).await;
+        let third = key("c");
+        let (running, gave_up, waiting) = running_and_queued(&batcher).await;
         drop(gave_up);
         drop(running);
 

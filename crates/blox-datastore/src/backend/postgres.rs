@@ -132,7 +132,7 @@ pub struct PostgresBackend {
     connections: ConnectionSet<PgConnection>,
     /// Point reads that arrive together share a statement.
     reads: Arc<ReadBatcher>,
-    /// Unconditional writes that arrive together share a transaction.
+    /// Unconditional writes that arrive together share a statement.
     writes: Arc<WriteBatcher>,
     /// Every write asks to keep the version it supersedes ([`OpenOptions::keep_all_versions`]).
     keep_all_versions: bool,

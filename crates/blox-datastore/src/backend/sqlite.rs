@@ -169,7 +169,7 @@ pub struct SqliteBackend {
     readers: ConnectionSet<SqliteConnection>,
     /// Point reads that arrive together share a statement.
     reads: Arc<ReadBatcher>,
-    /// Unconditional writes that arrive together share a transaction.
+    /// Unconditional writes that arrive together share a statement.
     writes: Arc<WriteBatcher>,
     writer: ConnectionSet<SqliteConnection>,
     /// Every write asks to keep the version it supersedes ([`OpenOptions::keep_all_versions`]).
@@ -255,22 +255,33 @@ fn open_key_tuple(json: &mut String, key: &EntryKey) {
     }
 }
 
+/// A JSON array of one array per item, each written by `write_row` (which leaves it open),
+/// for a statement to walk with `json_each`.
+fn json_rows<I>(
+    items: impl Iterator<Item = I>,
+    capacity: usize,
+    mut write_row: impl FnMut(&mut String, I),
+) -> String {
+    let mut json = String::with_capacity(capacity);
+    json.push('[');
+    for (position, item) in items.enumerate() {
+        if position > 0 {
+            json.push(',');
+        }
+        write_row(&mut json, item);
+        json.push(']');
+    }
+    json.push(']');
+    json
+}
+
 /// Binds the keys of a `read_many` statement as one JSON array of
-/// `[universe, kind, store, scope, key]` arrays, which the statement walks with `json_each`.
+/// `[universe, kind, store, scope, key]` arrays.
 fn bind_keys<'q>(
     query: sqlx::query::Query<'q, sqlx::Sqlite, SqliteArguments>,
     batch: &ReadBatch<'_>,
 ) -> sqlx::query::Query<'q, sqlx::Sqlite, SqliteArguments> {
-    let mut json = String::with_capacity(batch.request_count() * 64);
-    json.push('[');
-    for (position, key) in batch.requests().enumerate() {
-        if position > 0 {
-            json.push(',');
-        }
-        open_key_tuple(&mut json, key);
-        json.push(']');
-    }
-    json.push(']');
+    let json = json_rows(batch.requests(), batch.request_count() * 64, open_key_tuple);
     query.bind(json)
 }
 
@@ -281,21 +292,16 @@ fn bind_writes<'q, 'w>(
     writes: impl ExactSizeIterator<Item = &'w WriteRequest>,
     keep_all_versions: bool,
 ) -> sqlx::query::Query<'q, sqlx::Sqlite, SqliteArguments> {
-    let mut json = String::with_capacity(writes.len() * 256);
-    json.push('[');
-    for (position, request) in writes.enumerate() {
-        if position > 0 {
-            json.push(',');
-        }
+    let capacity = writes.len() * 256;
+    let json = json_rows(writes, capacity, |json, request| {
         let write = &request.write;
-        open_key_tuple(&mut json, &request.key);
+        open_key_tuple(json, &request.key);
         for text in [&write.value, &write.user_ids, &write.metadata] {
             json.push(',');
-            codec::write_string(&mut json, text);
+            codec::write_string(json, text);
         }
-        let _ = write!(json, ",{},{}]", write.now_ms, write.deleted);
-    }
-    json.push(']');
+        let _ = write!(json, ",{},{}", write.now_ms, write.deleted);
+    });
     query.bind(json).bind(keep_all_versions)
 }
 
