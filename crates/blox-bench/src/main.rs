@@ -662,7 +662,7 @@ impl RawConnections {
                     .await?,
             })
         } else {
-            let connect = sqlx::postgres::PgConnectOptions::from_str(url)?;
+            let connect = postgres::connect_options(url)?;
             let timeout = Duration::from_secs(10);
             Ok(RawConnections::Postgres {
                 connections: ConnectionSet::connect(

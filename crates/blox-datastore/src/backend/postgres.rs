@@ -153,14 +153,34 @@ pub fn set_limits(size: usize, timeout: Duration) -> SetLimits {
     }
 }
 
+/// How Blox's sessions connect to `url`: as the URL says, with PostgreSQL's plan cache set to
+/// reuse one generic plan per statement unless the URL's `options` choose otherwise.
+///
+/// Under PostgreSQL's default (`plan_cache_mode = auto`) the batched statements, whose keys
+/// arrive as arrays, are planned afresh on every execution: a custom plan that knows the
+/// arrays' length always looks cheaper than the generic one, which assumes ten elements. Every
+/// statement Blox runs finds its rows through the primary key or an index range whatever its
+/// parameters, so the generic plan is the plan a custom one would choose, without the planning
+/// (BENCHMARKS.md, session 9).
+pub fn connect_options(url: &str) -> Result<PgConnectOptions, BackendError> {
+    let connect = PgConnectOptions::from_str(url).map_err(|error| BackendError::InvalidUrl {
+        url: url.to_owned(),
+        reason: error.to_string(),
+    })?;
+    let chosen = connect
+        .get_options()
+        .is_some_and(|options| options.contains("plan_cache_mode"));
+    Ok(if chosen {
+        connect
+    } else {
+        connect.options([("plan_cache_mode", "force_generic_plan")])
+    })
+}
+
 impl PostgresBackend {
     /// Connects to `url` and migrates the database (or `options.postgres_schema`).
     pub async fn open(url: &str, options: &OpenOptions) -> Result<Self, BackendError> {
-        let mut connect =
-            PgConnectOptions::from_str(url).map_err(|error| BackendError::InvalidUrl {
-                url: url.to_owned(),
-                reason: error.to_string(),
-            })?;
+        let mut connect = connect_options(url)?;
         // One direct connection first: it reports why a server is unreachable at once, where
         // a pool would retry until its timeout and report only that.
         let mut admin = tokio::time::timeout(options.timeout, connect.connect())
@@ -295,3 +315,30 @@ sql_backend!(
     write_connection = connection,
     polled_by_caller = true
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_reuse_generic_plans_unless_the_url_chooses() {
+        let options = |url| {
+            connect_options(url)
+                .expect("a valid URL")
+                .get_options()
+                .map(str::to_owned)
+        };
+        let default = options("postgres://postgres@127.0.0.1:5432/test");
+        assert_eq!(
+            default.as_deref(),
+            Some("-c plan_cache_mode=force_generic_plan")
+        );
+        let chosen = options(
+            "postgres://postgres@127.0.0.1:5432/test?options=-c%20plan_cache_mode%3Dforce_custom_plan",
+        );
+        assert_eq!(
+            chosen.as_deref(),
+            Some("-c plan_cache_mode=force_custom_plan")
+        );
+    }
+}
