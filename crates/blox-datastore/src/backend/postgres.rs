@@ -167,14 +167,38 @@ pub fn connect_options(url: &str) -> Result<PgConnectOptions, BackendError> {
         url: url.to_owned(),
         reason: error.to_string(),
     })?;
-    let chosen = connect
-        .get_options()
-        .is_some_and(|options| options.contains("plan_cache_mode"));
+    let chosen = connect.get_options().is_some_and(sets_plan_cache_mode);
     Ok(if chosen {
         connect
     } else {
         connect.options([("plan_cache_mode", "force_generic_plan")])
     })
+}
+
+/// Whether a session's command-line `options` (`-c name=value`, `-cname=value` or
+/// `--name=value`, names with `-` or `_`) set `plan_cache_mode`.
+fn sets_plan_cache_mode(options: &str) -> bool {
+    let mut tokens = options.split_whitespace();
+    while let Some(token) = tokens.next() {
+        let setting = match token {
+            "-c" => tokens.next().unwrap_or_default(),
+            _ => match token
+                .strip_prefix("--")
+                .or_else(|| token.strip_prefix("-c"))
+            {
+                Some(setting) => setting,
+                None => continue,
+            },
+        };
+        let name = setting.split('=').next().unwrap_or_default();
+        if name
+            .replace('-', "_")
+            .eq_ignore_ascii_case("plan_cache_mode")
+        {
+            return true;
+        }
+    }
+    false
 }
 
 impl PostgresBackend {
@@ -318,27 +342,48 @@ sql_backend!(
 
 #[cfg(test)]
 mod tests {
+    use blox_testkit::{Scratch, TestDatabase};
+
     use super::*;
 
+    /// The plan cache mode a session of a backend opened on `url` runs with.
+    async fn plan_cache_mode(url: &str) -> String {
+        let backend = PostgresBackend::open(url, &OpenOptions::default())
+            .await
+            .expect("the test server");
+        let mut connection = backend.connection().await.expect("a connection");
+        sqlx::query_scalar("SHOW plan_cache_mode")
+            .fetch_one(&mut *connection)
+            .await
+            .expect("SHOW")
+    }
+
     #[test]
-    fn sessions_reuse_generic_plans_unless_the_url_chooses() {
-        let options = |url| {
-            connect_options(url)
-                .expect("a valid URL")
-                .get_options()
-                .map(str::to_owned)
-        };
-        let default = options("postgres://postgres@127.0.0.1:5432/test");
-        assert_eq!(
-            default.as_deref(),
-            Some("-c plan_cache_mode=force_generic_plan")
-        );
-        let chosen = options(
-            "postgres://postgres@127.0.0.1:5432/test?options=-c%20plan_cache_mode%3Dforce_custom_plan",
-        );
-        assert_eq!(
-            chosen.as_deref(),
-            Some("-c plan_cache_mode=force_custom_plan")
-        );
+    fn a_plan_cache_mode_is_found_in_every_spelling_of_the_options() {
+        for chosen in [
+            "-c plan_cache_mode=auto",
+            "-c search_path=a -cplan_cache_mode=auto",
+            "--plan-cache-mode=auto",
+            "-c PLAN_CACHE_MODE=auto",
+        ] {
+            assert!(sets_plan_cache_mode(chosen), "{chosen}");
+        }
+        for other in [
+            "-c search_path=plan_cache_mode",
+            "-c search_path=x_plan_cache_mode_y",
+            "",
+        ] {
+            assert!(!sets_plan_cache_mode(other), "{other}");
+        }
+    }
+
+    /// The scratch schema's name contains `plan_cache_mode`, as a setting's value that must not
+    /// count as the setting.
+    #[tokio::test]
+    async fn sessions_reuse_generic_plans_unless_the_url_chooses() {
+        let scratch = Scratch::new(TestDatabase::Postgres, "plan_cache_mode");
+        assert_eq!(plan_cache_mode(&scratch.url).await, "force_generic_plan");
+        let chosen = format!("{}%20-c%20plan_cache_mode%3Dauto", scratch.url);
+        assert_eq!(plan_cache_mode(&chosen).await, "auto");
     }
 }
