@@ -11,8 +11,8 @@
 //! keeps the newest version the object has seen: a state older than the cached one does not
 //! replace it.
 
+use rustc_hash::FxHashMap;
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::time::Duration;
 
 /// How long a read stays fresh.
@@ -26,15 +26,16 @@ const SWEEP_AT: usize = 4096;
 type Cached<T> = (T, Option<i64>, Duration);
 
 /// The entries of one scope, by key.
-type Entries<T> = HashMap<String, Cached<T>>;
+type Entries<T> = FxHashMap<String, Cached<T>>;
 
 /// What one DataStore object has read or written recently.
 ///
 /// Entries sit under their scope, then their key, so a lookup borrows the caller's strings
-/// instead of building an owned pair for every GetAsync.
+/// instead of building an owned pair for every GetAsync. They hash with Fx rather than
+/// SipHash: the keys are the game's own, looked up on every call.
 #[derive(Debug)]
 pub struct ReadCache<T> {
-    scopes: RefCell<HashMap<String, Entries<T>>>,
+    scopes: RefCell<FxHashMap<String, Entries<T>>>,
     /// Entries in all scopes, to know when to sweep.
     len: Cell<usize>,
 }
@@ -87,7 +88,7 @@ impl<T: Clone> ReadCache<T> {
                 entries.retain(|_, (_, _, expires)| now < *expires);
                 !entries.is_empty()
             });
-            self.len.set(scopes.values().map(HashMap::len).sum());
+            self.len.set(scopes.values().map(FxHashMap::len).sum());
         }
         scopes
             .entry(scope.to_owned())

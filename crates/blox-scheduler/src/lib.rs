@@ -27,7 +27,7 @@ pub use watchdog::TIMEOUT_MESSAGE;
 
 use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
 use std::ffi::c_void;
 use std::future::Future;
 use std::pin::Pin;
@@ -40,6 +40,7 @@ use std::time::Duration;
 use futures_util::Stream;
 use mlua::thread::{AsyncThread, ThreadStatus};
 use mlua::{Function, Lua, MultiValue, Thread};
+use rustc_hash::FxHashMap;
 use tokio::sync::{Notify, oneshot};
 
 /// Time between two frames: Roblox steps its world at 60 Hz.
@@ -113,17 +114,20 @@ type FrameHook = Rc<dyn Fn(&Lua, Duration) -> mlua::Result<()>>;
 
 /// The scheduler of one Luau VM. Lives on the VM thread; reach it from Rust callbacks with
 /// [`Scheduler::of`].
+///
+/// Its maps hash with Fx rather than SipHash: they are looked up several times per resumption,
+/// keyed by ids and pointers that no script chooses.
 pub struct Scheduler {
     clock: Rc<dyn Clock>,
     queue: Arc<ReadyQueue>,
     next_id: Cell<TaskId>,
-    tasks: RefCell<HashMap<TaskId, Task>>,
-    task_of_thread: RefCell<HashMap<*const c_void, TaskId>>,
+    tasks: RefCell<FxHashMap<TaskId, Task>>,
+    task_of_thread: RefCell<FxHashMap<*const c_void, TaskId>>,
     deferred: RefCell<VecDeque<(Thread, MultiValue)>>,
     /// The threads of the resumption cycle in progress that a deadline left unresumed.
     cycle: RefCell<VecDeque<TaskId>>,
     timers: RefCell<BinaryHeap<Reverse<(Duration, u64)>>>,
-    timer_actions: RefCell<HashMap<u64, TimerAction>>,
+    timer_actions: RefCell<FxHashMap<u64, TimerAction>>,
     frame_hooks: RefCell<Vec<FrameHook>>,
     last_frame: Cell<Duration>,
     errors: RefCell<Vec<ThreadError>>,
@@ -132,7 +136,7 @@ pub struct Scheduler {
     /// How many polls are running inside each other (task.spawn resumes at once).
     poll_depth: Cell<usize>,
     /// What to run when a thread is stopped while it awaits a Rust future, by thread.
-    stop_hooks: RefCell<HashMap<*const c_void, Vec<(u64, StopHook)>>>,
+    stop_hooks: RefCell<FxHashMap<*const c_void, Vec<(u64, StopHook)>>>,
 }
 
 type StopHook = Box<dyn FnOnce()>;

@@ -252,15 +252,17 @@ impl PostgresBackend {
 type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, PgArguments>;
 
 /// The five key columns of several keys, as the arrays the batch statements take.
-struct KeyArrays {
+/// The key columns of a batch, borrowed from its requests: sqlx encodes an argument when it
+/// is bound, so the arrays need no copies of the strings.
+struct KeyArrays<'k> {
     universes: Vec<i64>,
     kinds: Vec<i16>,
-    stores: Vec<String>,
-    scopes: Vec<String>,
-    names: Vec<String>,
+    stores: Vec<&'k str>,
+    scopes: Vec<&'k str>,
+    names: Vec<&'k str>,
 }
 
-impl KeyArrays {
+impl<'k> KeyArrays<'k> {
     fn with_capacity(count: usize) -> Self {
         Self {
             universes: Vec::with_capacity(count),
@@ -271,12 +273,12 @@ impl KeyArrays {
         }
     }
 
-    fn push(&mut self, key: &EntryKey) {
+    fn push(&mut self, key: &'k EntryKey) {
         self.universes.push(key.universe);
         self.kinds.push(key.kind as i16);
-        self.stores.push(key.store.clone());
-        self.scopes.push(key.scope.clone());
-        self.names.push(key.key.clone());
+        self.stores.push(&key.store);
+        self.scopes.push(&key.scope);
+        self.names.push(&key.key);
     }
 
     fn bind(self, query: PgQuery<'_>) -> PgQuery<'_> {
@@ -314,9 +316,9 @@ fn bind_writes<'q, 'w>(
     let mut deleted = Vec::with_capacity(count);
     for WriteRequest { key, write } in writes {
         keys.push(key);
-        values.push(write.value.clone());
-        user_ids.push(write.user_ids.clone());
-        metadata.push(write.metadata.clone());
+        values.push(write.value.as_str());
+        user_ids.push(write.user_ids.as_str());
+        metadata.push(write.metadata.as_str());
         times.push(write.now_ms);
         deleted.push(write.deleted);
     }
