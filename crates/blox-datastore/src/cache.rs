@@ -11,9 +11,10 @@
 //! keeps the newest version the object has seen: a state older than the cached one does not
 //! replace it.
 
-use rustc_hash::FxHashMap;
 use std::cell::{Cell, RefCell};
 use std::time::Duration;
+
+use rustc_hash::FxHashMap;
 
 /// How long a read stays fresh.
 pub const CACHE_WINDOW: Duration = Duration::from_secs(4);

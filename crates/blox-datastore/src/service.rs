@@ -59,8 +59,6 @@ pub struct DataStoreContext {
     updates: UpdateWatch,
     /// This server's request budgets and throttle queues.
     pub(crate) budgets: RequestBudgets,
-    /// Whether calls poll their database work themselves ([`Backend::polled_by_caller`]).
-    polled_by_caller: bool,
 }
 
 impl DataStoreContext {
@@ -74,7 +72,6 @@ impl DataStoreContext {
         throttling: Throttling,
     ) -> Rc<Self> {
         Rc::new(Self {
-            polled_by_caller: backend.polled_by_caller(),
             backend,
             runtime,
             universe,
@@ -123,7 +120,7 @@ impl DataStoreContext {
         W: FnOnce(Arc<dyn Backend>) -> F,
     {
         let work = work(Arc::clone(&self.backend));
-        let joined = if self.polled_by_caller {
+        let joined = if self.backend.polled_by_caller() {
             Ok(Attached::new(lua, self.runtime.clone(), work).await)
         } else {
             self.runtime.spawn(work).await

@@ -1,7 +1,7 @@
 //! The scheduler under a manual clock: timers, frames, defer, cancel, errors, signals and
 //! threads parked on Rust futures, all stepped deterministically.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -277,12 +277,10 @@ fn a_runaway_thread_is_stopped_and_the_rest_goes_on() {
     assert!(h.global::<bool>("finished"));
 }
 
-/// Registers `waitForValue()`, which parks the calling thread on a fresh oneshot channel, and
-/// returns the senders in the order the threads parked.
 /// Registers `stopWatched()`: parks its thread on a future with a stop hook that counts into
 /// the returned cell; the guard lives as long as the future.
-fn park_with_stop_hook(h: &Harness) -> Rc<std::cell::Cell<u32>> {
-    let stopped: Rc<std::cell::Cell<u32>> = Rc::default();
+fn park_with_stop_hook(h: &Harness) -> Rc<Cell<u32>> {
+    let stopped: Rc<Cell<u32>> = Rc::default();
     let counter = Rc::clone(&stopped);
     let watched = h
         .lua
@@ -333,6 +331,8 @@ fn stopping_a_parked_thread_runs_its_stop_hooks_once() {
     assert!(h.scheduler.is_idle());
 }
 
+/// Registers `waitForValue()`, which parks the calling thread on a fresh oneshot channel, and
+/// returns the senders in the order the threads parked.
 fn park_on_channels(h: &Harness) -> Rc<RefCell<Vec<oneshot::Sender<i64>>>> {
     let senders: Rc<RefCell<Vec<oneshot::Sender<i64>>>> = Rc::default();
     let registry = Rc::clone(&senders);

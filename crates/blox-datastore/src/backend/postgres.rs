@@ -251,9 +251,9 @@ impl PostgresBackend {
 
 type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, PgArguments>;
 
-/// The five key columns of several keys, as the arrays the batch statements take.
-/// The key columns of a batch, borrowed from its requests: sqlx encodes an argument when it
-/// is bound, so the arrays need no copies of the strings.
+/// The five key columns of several keys, as the arrays the batch statements take, borrowed
+/// from the requests: sqlx encodes an argument when it is bound, so the arrays need no copies
+/// of the strings.
 struct KeyArrays<'k> {
     universes: Vec<i64>,
     kinds: Vec<i16>,
