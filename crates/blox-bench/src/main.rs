@@ -210,10 +210,10 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "| op | coroutines | Luau ops/s | Luau p50 ms | Luau p99 ms | sqlx ops/s | sqlx p50 ms | sqlx p99 ms | Luau/sqlx | timer lag p99 ms | timer lag max ms | sqlx CPU µs/op | Luau CPU µs/op | VM thread µs/op | VM thread runs/op | Luau reads/statement | Luau writes/statement |"
+        "| op | coroutines | Luau ops/s | Luau p50 ms | Luau p99 ms | sqlx ops/s | sqlx p50 ms | sqlx p99 ms | Luau/sqlx | timer lag p99 ms | timer lag max ms | sqlx CPU µs/op | Luau CPU µs/op | VM thread µs/op | VM thread runs/op | Luau reads/statement | Luau writes/statement | sqlx thread runs/op | Luau thread runs/op | VM thread wait µs/run |"
     );
     println!(
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for &op in &args.ops {
         for &concurrency in &args.concurrency {
@@ -240,7 +240,7 @@ fn main() -> anyhow::Result<()> {
             let luau_ops = luau.rate * luau_cpu.elapsed.as_secs_f64();
             let sqlx_ops = sqlx.rate * sqlx_cpu.elapsed.as_secs_f64();
             println!(
-                "| {op:?} | {concurrency} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {:.2} | {} | {} |",
+                "| {op:?} | {concurrency} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {:.2} | {} | {} | {:.2} | {:.2} | {:.0} |",
                 luau.rate,
                 luau.p50_ms,
                 luau.p99_ms,
@@ -256,6 +256,10 @@ fn main() -> anyhow::Result<()> {
                 luau_cpu.this_thread_runs as f64 / luau_ops,
                 reads.mean_batch(),
                 writes.mean_batch(),
+                sqlx_cpu.process_runs as f64 / sqlx_ops,
+                luau_cpu.process_runs as f64 / luau_ops,
+                luau_cpu.this_thread_waiting.as_secs_f64() * 1e6
+                    / luau_cpu.this_thread_runs.max(1) as f64,
             );
         }
     }
@@ -287,8 +291,8 @@ impl BatchTally {
     }
 }
 
-/// CPU time spent during one measurement, read from Linux's per-thread scheduler statistics.
-/// On a saturated machine the throughput ratio follows the CPU each call costs, and CPU per
+/// CPU time and scheduling during one measurement, read from Linux's per-thread scheduler
+/// statistics. On a saturated machine the throughput ratio follows the CPU each call costs, and CPU per
 /// call is far steadier from run to run than throughput, so the table reports both.
 #[derive(Debug, Clone, Copy)]
 struct CpuUse {
@@ -296,36 +300,48 @@ struct CpuUse {
     elapsed: Duration,
     /// CPU time of every thread of the process.
     process: Duration,
+    /// How many times any thread of the process was put on a CPU: the wake-ups (and
+    /// preemptions) the measured calls cost, every hand-off between threads among them.
+    process_runs: u64,
     /// CPU time of the calling thread: the VM thread in a Luau measurement.
     this_thread: Duration,
     /// How many times the calling thread was put on a CPU: once per wake-up from idle, plus
     /// once per preemption.
     this_thread_runs: u64,
+    /// How long the calling thread waited, runnable, for a CPU: divided by its runs, the
+    /// mean delay between being woken and running.
+    this_thread_waiting: Duration,
 }
 
 impl CpuUse {
     fn of<T>(measure: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, CpuUse)> {
-        let (process, this_thread, started) = (process_cpu(), thread_stats(), Instant::now());
+        let (process, this_thread, started) = (process_stats(), thread_stats(), Instant::now());
         let outcome = measure()?;
-        let (this_thread_end, process_end) = (thread_stats(), process_cpu());
+        let (this_thread_end, process_end) = (thread_stats(), process_stats());
         let used = CpuUse {
             elapsed: started.elapsed(),
-            process: process_end.saturating_sub(process),
+            process: process_end.cpu.saturating_sub(process.cpu),
+            process_runs: process_end.runs.saturating_sub(process.runs),
             this_thread: this_thread_end.cpu.saturating_sub(this_thread.cpu),
             this_thread_runs: this_thread_end.runs.saturating_sub(this_thread.runs),
+            this_thread_waiting: this_thread_end.waiting.saturating_sub(this_thread.waiting),
         };
         Ok((outcome, used))
     }
 }
 
-/// CPU time of every live thread of this process so far.
-fn process_cpu() -> Duration {
+/// The scheduler statistics of every live thread of this process so far, summed.
+fn process_stats() -> SchedulerStats {
     std::fs::read_dir("/proc/self/task")
         .into_iter()
         .flatten()
         .flatten()
-        .map(|task| scheduler_stats(&task.path().join("schedstat")).cpu)
-        .sum()
+        .map(|task| scheduler_stats(&task.path().join("schedstat")))
+        .fold(SchedulerStats::default(), |total, thread| SchedulerStats {
+            cpu: total.cpu + thread.cpu,
+            waiting: total.waiting + thread.waiting,
+            runs: total.runs + thread.runs,
+        })
 }
 
 /// The calling thread's scheduler statistics so far.
@@ -338,6 +354,8 @@ fn thread_stats() -> SchedulerStats {
 struct SchedulerStats {
     /// Time spent on a CPU (the first field).
     cpu: Duration,
+    /// Time spent runnable, waiting for a CPU (the second field).
+    waiting: Duration,
     /// Times put on a CPU (the third field).
     runs: u64,
 }
@@ -350,6 +368,7 @@ fn scheduler_stats(path: &std::path::Path) -> SchedulerStats {
         .collect();
     SchedulerStats {
         cpu: Duration::from_nanos(fields.first().copied().unwrap_or(0)),
+        waiting: Duration::from_nanos(fields.get(1).copied().unwrap_or(0)),
         runs: fields.get(2).copied().unwrap_or(0),
     }
 }
