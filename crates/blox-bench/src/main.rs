@@ -250,16 +250,16 @@ fn main() -> anyhow::Result<()> {
                 luau.rate / sqlx.rate,
                 lag_p99,
                 lag_max,
-                sqlx_cpu.process.as_secs_f64() * 1e6 / sqlx_ops,
-                luau_cpu.process.as_secs_f64() * 1e6 / luau_ops,
-                luau_cpu.this_thread.as_secs_f64() * 1e6 / luau_ops,
-                luau_cpu.this_thread_runs as f64 / luau_ops,
+                sqlx_cpu.process.cpu.as_secs_f64() * 1e6 / sqlx_ops,
+                luau_cpu.process.cpu.as_secs_f64() * 1e6 / luau_ops,
+                luau_cpu.this_thread.cpu.as_secs_f64() * 1e6 / luau_ops,
+                luau_cpu.this_thread.runs as f64 / luau_ops,
                 reads.mean_batch(),
                 writes.mean_batch(),
-                sqlx_cpu.process_runs as f64 / sqlx_ops,
-                luau_cpu.process_runs as f64 / luau_ops,
-                luau_cpu.this_thread_waiting.as_secs_f64() * 1e6
-                    / luau_cpu.this_thread_runs.max(1) as f64,
+                sqlx_cpu.process.runs as f64 / sqlx_ops,
+                luau_cpu.process.runs as f64 / luau_ops,
+                luau_cpu.this_thread.waiting.as_secs_f64() * 1e6
+                    / luau_cpu.this_thread.runs.max(1) as f64,
             );
         }
     }
@@ -292,25 +292,20 @@ impl BatchTally {
 }
 
 /// CPU time and scheduling during one measurement, read from Linux's per-thread scheduler
-/// statistics. On a saturated machine the throughput ratio follows the CPU each call costs, and CPU per
-/// call is far steadier from run to run than throughput, so the table reports both.
+/// statistics. On a saturated machine the throughput ratio follows the CPU each call costs,
+/// and CPU per call is far steadier from run to run than throughput, so the table reports
+/// both.
 #[derive(Debug, Clone, Copy)]
 struct CpuUse {
     /// Wall-clock time of the measurement.
     elapsed: Duration,
-    /// CPU time of every thread of the process.
-    process: Duration,
-    /// How many times any thread of the process was put on a CPU: the wake-ups (and
-    /// preemptions) the measured calls cost, every hand-off between threads among them.
-    process_runs: u64,
-    /// CPU time of the calling thread: the VM thread in a Luau measurement.
-    this_thread: Duration,
-    /// How many times the calling thread was put on a CPU: once per wake-up from idle, plus
-    /// once per preemption.
-    this_thread_runs: u64,
-    /// How long the calling thread waited, runnable, for a CPU: divided by its runs, the
-    /// mean delay between being woken and running.
-    this_thread_waiting: Duration,
+    /// Every thread of the process, summed: its runs are the wake-ups (and preemptions) the
+    /// measured calls cost, every hand-off between threads among them.
+    process: SchedulerStats,
+    /// The calling thread: the VM thread in a Luau measurement. Its runs are once per wake-up
+    /// from idle, plus once per preemption; its waiting divided by its runs is the mean delay
+    /// between being woken and running.
+    this_thread: SchedulerStats,
 }
 
 impl CpuUse {
@@ -320,11 +315,8 @@ impl CpuUse {
         let (this_thread_end, process_end) = (thread_stats(), process_stats());
         let used = CpuUse {
             elapsed: started.elapsed(),
-            process: process_end.cpu.saturating_sub(process.cpu),
-            process_runs: process_end.runs.saturating_sub(process.runs),
-            this_thread: this_thread_end.cpu.saturating_sub(this_thread.cpu),
-            this_thread_runs: this_thread_end.runs.saturating_sub(this_thread.runs),
-            this_thread_waiting: this_thread_end.waiting.saturating_sub(this_thread.waiting),
+            process: process_end.since(process),
+            this_thread: this_thread_end.since(this_thread),
         };
         Ok((outcome, used))
     }
@@ -358,6 +350,17 @@ struct SchedulerStats {
     waiting: Duration,
     /// Times put on a CPU (the third field).
     runs: u64,
+}
+
+impl SchedulerStats {
+    /// What accrued between `earlier` and these statistics.
+    fn since(self, earlier: SchedulerStats) -> SchedulerStats {
+        SchedulerStats {
+            cpu: self.cpu.saturating_sub(earlier.cpu),
+            waiting: self.waiting.saturating_sub(earlier.waiting),
+            runs: self.runs.saturating_sub(earlier.runs),
+        }
+    }
 }
 
 fn scheduler_stats(path: &std::path::Path) -> SchedulerStats {
