@@ -19,9 +19,13 @@
 //!   JSON cannot express; Blox stores them as the tokens `NaN`, `Infinity` and `-Infinity` and
 //!   reads them back exactly (such values are not valid JSON for outside tools, as on Roblox).
 //!
-//! Encoding runs on the VM thread (it walks Luau tables); decoding text into [`Stored`] runs on
-//! the database runtime, so the VM thread only converts the finished tree into Luau values.
+//! Encoding runs on the VM thread (it walks Luau tables). Decoding text into [`Stored`] runs on
+//! the database runtime where the database work runs there (SQLite), so the VM thread only
+//! converts the finished tree into Luau values; where the VM thread polls the database work
+//! itself (PostgreSQL), [`text_to_lua`] parses the text straight into Luau instead. Both read
+//! the text with one tokenizer, so they accept and reject exactly the same texts.
 
+use std::borrow::Cow;
 use std::ffi::{c_int, c_void};
 use std::fmt::Write as _;
 
@@ -477,36 +481,90 @@ pub(crate) fn write_string(out: &mut String, text: &str) {
 
 /// Parses stored JSON text. Fails only on text that Blox did not write (a hand-edited row).
 ///
-/// This runs on the database runtime for every value read, so it allocates each string and
-/// each container once, at its final size: a container's members are gathered on a stack
-/// shared by the whole parse and moved out when it closes.
+/// This runs on the database runtime for every value read from SQLite, so it allocates each
+/// string and each container once, at its final size: the parse first lists the value's
+/// tokens, with each container's member count, and the tree is built from that list.
 pub fn decode(text: &str) -> Result<Stored, DataStoreError> {
+    let tokens = tokenize(text)?;
+    Ok(build(&mut tokens.into_iter()))
+}
+
+/// Parses stored JSON text straight into a fresh Luau value, as [`to_lua`] of [`decode`]
+/// would, without the tree in between: no string is copied unless it holds escapes, and
+/// nothing is left to free but one list of tokens.
+///
+/// For reads whose database work the VM thread polls itself (PostgreSQL's), where building
+/// and then dropping the tree on that thread cost about a sixth of a `GetAsync`
+/// (BENCHMARKS.md, session 11). Malformed text fails before any Luau value is made.
+#[allow(unsafe_code)]
+pub fn text_to_lua(lua: &Lua, text: &str) -> mlua::Result<Value> {
+    let tokens = tokenize(text)?;
+    // SAFETY: as in `to_lua`: a protected call, one value left on the stack, the stack checked
+    // before every push. The tokens come from `tokenize`, so they form exactly one value and
+    // nest no deeper than `MAX_DEPTH`.
+    unsafe { lua.exec_raw((), |state| push_token(state, &mut tokens.iter())) }
+}
+
+/// One step of a parsed value, in text order. A container's token gives its member count and
+/// is followed by its members: values for an array, key and value pairs for an object.
+#[derive(Debug)]
+enum Token<'a> {
+    Null,
+    Bool(bool),
+    Number(f64),
+    /// A string, borrowed from the text unless it held escapes.
+    String(Cow<'a, str>),
+    Array(usize),
+    Object(usize),
+}
+
+/// The tokens of the one value that `text` holds.
+fn tokenize(text: &str) -> Result<Vec<Token<'_>>, DataStoreError> {
     let mut parser = Parser {
         text,
         bytes: text.as_bytes(),
         position: 0,
-        items: Vec::new(),
-        fields: Vec::new(),
+        // About one token per 6 bytes of a typical player value; a guess only saves regrowing.
+        tokens: Vec::with_capacity(text.len() / 6 + 1),
     };
-    let value = parser.value(0)?;
+    parser.value(0)?;
     parser.skip_whitespace();
     if parser.position != parser.bytes.len() {
         return Err(parser.error());
     }
-    Ok(value)
+    Ok(parser.tokens)
+}
+
+/// The value whose tokens `tokens` starts with, consuming them.
+fn build<'a>(tokens: &mut impl Iterator<Item = Token<'a>>) -> Stored {
+    match tokens.next() {
+        None | Some(Token::Null) => Stored::Null,
+        Some(Token::Bool(b)) => Stored::Bool(b),
+        Some(Token::Number(n)) => Stored::Number(n),
+        Some(Token::String(text)) => Stored::String(text.into_owned()),
+        Some(Token::Array(len)) => Stored::Array((0..len).map(|_| build(tokens)).collect()),
+        Some(Token::Object(len)) => Stored::Object(
+            (0..len)
+                .map(|_| {
+                    let key = match tokens.next() {
+                        Some(Token::String(key)) => key.into_owned(),
+                        _ => String::new(),
+                    };
+                    (key, build(tokens))
+                })
+                .collect(),
+        ),
+    }
 }
 
 struct Parser<'a> {
     text: &'a str,
     bytes: &'a [u8],
     position: usize,
-    /// Members of the arrays being parsed, innermost last.
-    items: Vec<Stored>,
-    /// Members of the objects being parsed, innermost last.
-    fields: Vec<(String, Stored)>,
+    tokens: Vec<Token<'a>>,
 }
 
-impl Parser<'_> {
+impl<'a> Parser<'a> {
     fn error(&self) -> DataStoreError {
         DataStoreError::Corrupt(format!("invalid stored JSON at byte {}", self.position))
     }
@@ -514,6 +572,15 @@ impl Parser<'_> {
     fn skip_whitespace(&mut self) {
         while let Some(b' ' | b'\n' | b'\r' | b'\t') = self.bytes.get(self.position) {
             self.position += 1;
+        }
+    }
+
+    fn eat_byte(&mut self, byte: u8) -> bool {
+        if self.bytes.get(self.position) == Some(&byte) {
+            self.position += 1;
+            true
+        } else {
+            false
         }
     }
 
@@ -526,69 +593,81 @@ impl Parser<'_> {
         }
     }
 
-    fn value(&mut self, depth: usize) -> Result<Stored, DataStoreError> {
+    /// Appends the tokens of the value at the current position.
+    fn value(&mut self, depth: usize) -> Result<(), DataStoreError> {
         if depth > MAX_DEPTH {
             return Err(self.error());
         }
         self.skip_whitespace();
-        match self.bytes.get(self.position) {
+        let token = match self.bytes.get(self.position) {
             Some(b'{') => {
                 self.position += 1;
-                let first = self.fields.len();
+                let container = self.tokens.len();
+                self.tokens.push(Token::Object(0));
+                let mut len = 0;
                 self.skip_whitespace();
-                if !self.eat("}") {
+                if !self.eat_byte(b'}') {
                     loop {
                         self.skip_whitespace();
                         let key = self.string()?;
+                        self.tokens.push(Token::String(key));
                         self.skip_whitespace();
-                        if !self.eat(":") {
+                        if !self.eat_byte(b':') {
                             return Err(self.error());
                         }
-                        let value = self.value(depth + 1)?;
-                        self.fields.push((key, value));
+                        self.value(depth + 1)?;
+                        len += 1;
                         self.skip_whitespace();
-                        if self.eat("}") {
+                        if self.eat_byte(b'}') {
                             break;
                         }
-                        if !self.eat(",") {
+                        if !self.eat_byte(b',') {
                             return Err(self.error());
                         }
                     }
                 }
-                Ok(Stored::Object(self.fields.drain(first..).collect()))
+                self.tokens[container] = Token::Object(len);
+                return Ok(());
             }
             Some(b'[') => {
                 self.position += 1;
-                let first = self.items.len();
+                let container = self.tokens.len();
+                self.tokens.push(Token::Array(0));
+                let mut len = 0;
                 self.skip_whitespace();
-                if !self.eat("]") {
+                if !self.eat_byte(b']') {
                     loop {
-                        let item = self.value(depth + 1)?;
-                        self.items.push(item);
+                        self.value(depth + 1)?;
+                        len += 1;
                         self.skip_whitespace();
-                        if self.eat("]") {
+                        if self.eat_byte(b']') {
                             break;
                         }
-                        if !self.eat(",") {
+                        if !self.eat_byte(b',') {
                             return Err(self.error());
                         }
                     }
                 }
-                Ok(Stored::Array(self.items.drain(first..).collect()))
+                self.tokens[container] = Token::Array(len);
+                return Ok(());
             }
-            Some(b'"') => Ok(Stored::String(self.string()?)),
-            Some(_) if self.eat("true") => Ok(Stored::Bool(true)),
-            Some(_) if self.eat("false") => Ok(Stored::Bool(false)),
-            Some(_) if self.eat("null") => Ok(Stored::Null),
-            Some(_) if self.eat("NaN") => Ok(Stored::Number(f64::NAN)),
-            Some(_) if self.eat("Infinity") => Ok(Stored::Number(f64::INFINITY)),
-            Some(_) if self.eat("-Infinity") => Ok(Stored::Number(f64::NEG_INFINITY)),
-            Some(_) => self.number(),
-            None => Err(self.error()),
-        }
+            Some(b'"') => Token::String(self.string()?),
+            // The words are told apart by their first byte, so a number (the common case)
+            // is not compared against each of them first.
+            Some(b't') if self.eat("true") => Token::Bool(true),
+            Some(b'f') if self.eat("false") => Token::Bool(false),
+            Some(b'n') if self.eat("null") => Token::Null,
+            Some(b'N') if self.eat("NaN") => Token::Number(f64::NAN),
+            Some(b'I') if self.eat("Infinity") => Token::Number(f64::INFINITY),
+            Some(b'-') if self.eat("-Infinity") => Token::Number(f64::NEG_INFINITY),
+            Some(b'-' | b'0'..=b'9') => Token::Number(self.number()?),
+            _ => return Err(self.error()),
+        };
+        self.tokens.push(token);
+        Ok(())
     }
 
-    fn number(&mut self) -> Result<Stored, DataStoreError> {
+    fn number(&mut self) -> Result<f64, DataStoreError> {
         let start = self.position;
         let mut integer = true;
         while let Some(&b) = self.bytes.get(self.position) {
@@ -612,19 +691,17 @@ impl Parser<'_> {
                 .bytes()
                 .fold(0_u64, |value, digit| value * 10 + u64::from(digit - b'0'));
             let magnitude = magnitude as f64;
-            return Ok(Stored::Number(if digits.len() == text.len() {
+            return Ok(if digits.len() == text.len() {
                 magnitude
             } else {
                 -magnitude
-            }));
+            });
         }
-        text.parse::<f64>()
-            .map(Stored::Number)
-            .map_err(|_| self.error())
+        text.parse::<f64>().map_err(|_| self.error())
     }
 
-    fn string(&mut self) -> Result<String, DataStoreError> {
-        if !self.eat("\"") {
+    fn string(&mut self) -> Result<Cow<'a, str>, DataStoreError> {
+        if !self.eat_byte(b'"') {
             return Err(self.error());
         }
         let mut out = String::new();
@@ -646,10 +723,10 @@ impl Parser<'_> {
                 Some(b'"') => {
                     self.position += 1;
                     if out.is_empty() {
-                        return Ok(run.to_owned());
+                        return Ok(Cow::Borrowed(run));
                     }
                     out.push_str(run);
-                    return Ok(out);
+                    return Ok(Cow::Owned(out));
                 }
                 Some(b'\\') => {
                     out.push_str(run);
@@ -738,6 +815,40 @@ unsafe fn push_stored(state: *mut ffi::lua_State, stored: &Stored) {
                 for (key, item) in fields {
                     push_text(state, key);
                     push_stored(state, item);
+                    ffi::lua_rawset(state, -3);
+                }
+            }
+        }
+    }
+}
+
+/// Pushes the value whose tokens `tokens` starts with onto the Luau stack of `state`.
+#[allow(unsafe_code)]
+unsafe fn push_token(state: *mut ffi::lua_State, tokens: &mut std::slice::Iter<'_, Token<'_>>) {
+    // SAFETY (for every call below): as in `push_stored`; the tokenizer's depth limit bounds
+    // the levels.
+    unsafe {
+        ffi::luaL_checkstack(state, 3, c"stored value".as_ptr());
+        match tokens.next() {
+            None | Some(Token::Null) => ffi::lua_pushnil(state),
+            Some(Token::Bool(b)) => ffi::lua_pushboolean(state, c_int::from(*b)),
+            Some(Token::Number(n)) => ffi::lua_pushnumber(state, *n),
+            Some(Token::String(text)) => push_text(state, text),
+            Some(Token::Array(len)) => {
+                ffi::lua_createtable(state, table_size(*len), 0);
+                for index in (1..).take(*len) {
+                    push_token(state, tokens);
+                    ffi::lua_rawseti(state, -2, index);
+                }
+            }
+            Some(Token::Object(len)) => {
+                ffi::lua_createtable(state, 0, table_size(*len));
+                for _ in 0..*len {
+                    match tokens.next() {
+                        Some(Token::String(key)) => push_text(state, key),
+                        _ => push_text(state, ""),
+                    }
+                    push_token(state, tokens);
                     ffi::lua_rawset(state, -3);
                 }
             }

@@ -38,15 +38,10 @@ pub fn created_ms(previous: Option<&Entry>, now_ms: i64) -> i64 {
     }
 }
 
-/// Reads a live key and decodes its value; tombstones read as absent.
-pub async fn get(
-    backend: &dyn Backend,
-    key: &EntryKey,
-) -> Result<Option<(Stored, Entry)>, OperationError> {
-    match backend.read(key).await? {
-        Some(entry) if !entry.deleted => Ok(Some((codec::decode(&entry.value)?, entry))),
-        _ => Ok(None),
-    }
+/// Reads a live key; tombstones read as absent. The value stays text: the caller decodes it
+/// where that is cheapest ([`crate::service`]'s `KnownValue::read`).
+pub async fn get(backend: &dyn Backend, key: &EntryKey) -> Result<Option<Entry>, BackendError> {
+    Ok(backend.read(key).await?.filter(|entry| !entry.deleted))
 }
 
 /// Adds `delta` to an integer value (a missing key counts as 0), replacing user ids and

@@ -10,7 +10,7 @@
 //! connect to their own signals after the call and hang if it returns without yielding. The
 //! VM thread never waits on the database: while a call's work waits, other threads run.
 
-use std::cell::{Cell, OnceCell, RefCell};
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
 use std::rc::Rc;
@@ -514,10 +514,14 @@ impl DataStore {
         let found = self
             .context
             .run(lua, "GetAsync", &self.name, move |backend| async move {
-                let found = operations::get(backend.as_ref(), &read_key).await?;
-                Ok(found.map(|(value, entry)| {
-                    (KnownValue::Decoded(value), KeyInfo::from_entry(&entry))
-                }))
+                let Some(entry) = operations::get(backend.as_ref(), &read_key).await? else {
+                    return Ok(None);
+                };
+                let info = KeyInfo::from_entry(&entry);
+                Ok(Some((
+                    KnownValue::read(backend.as_ref(), entry.value)?,
+                    info,
+                )))
             })
             .await?
             .map(Rc::new);
@@ -556,7 +560,7 @@ impl DataStore {
             })
             .await?;
         let version = version_string(&info.version);
-        this.written(&lua, &key, Some((KnownValue::written(written), info)))?;
+        this.written(&lua, &key, Some((KnownValue::Text(written), info)))?;
         Ok(version)
     }
 
@@ -581,9 +585,12 @@ impl DataStore {
             let previous = this
                 .context
                 .run(&lua, "UpdateAsync", &this.name, move |backend| async move {
-                    let entry = backend.read(&read_key).await?;
-                    let live = match &entry {
-                        Some(entry) if !entry.deleted => Some(codec::decode(&entry.value)?),
+                    let mut entry = backend.read(&read_key).await?;
+                    let live = match entry.as_mut() {
+                        Some(entry) if !entry.deleted => {
+                            let text = std::mem::take(&mut entry.value);
+                            Some(KnownValue::read(backend.as_ref(), text)?)
+                        }
                         _ => None,
                     };
                     Ok((entry, live))
@@ -592,7 +599,7 @@ impl DataStore {
             let (entry, live) = previous;
             let (current, info) = match (&entry, &live) {
                 (Some(entry), Some(value)) => (
-                    codec::to_lua(&lua, value)?,
+                    value.to_lua(&lua)?,
                     Value::UserData(lua.create_userdata(KeyInfo::from_entry(entry))?),
                 ),
                 _ => (Value::Nil, Value::Nil),
@@ -627,7 +634,7 @@ impl DataStore {
                 })
                 .await?;
             if let Some(version) = written {
-                let value = KnownValue::written(write.value);
+                let value = KnownValue::Text(write.value);
                 let returned = value.to_lua(&lua)?;
                 let info = KeyInfo {
                     version,
@@ -1265,42 +1272,36 @@ impl UserData for DataStore {
 }
 
 /// A key's value as this server knows it, in its read cache and for `OnUpdate`: decoded when
-/// it came from the database, still the JSON text this server wrote when it came from its own
-/// write. A script rarely reads back what it just saved, so a write does not pay for a decoded
-/// copy that the cache would most likely drop unread; one that is read is decoded once.
+/// a database thread read it, still the stored JSON text when the VM thread would have had to
+/// decode it: a value this server wrote (a script rarely reads back what it just saved, so a
+/// write does not pay for a decoded copy the cache would most likely drop unread), or one read
+/// by database work the VM thread polls itself (PostgreSQL's), where parsing the text straight
+/// into Luau skips building and dropping a tree on that thread.
 #[derive(Debug)]
 pub(crate) enum KnownValue {
-    /// Read from the database, decoded where the call's database work ran.
+    /// Decoded where the call's database work ran, on a database thread.
     Decoded(Stored),
-    /// Written by this server: the stored JSON, decoded the first time a script reads it.
-    Written {
-        text: String,
-        decoded: OnceCell<Stored>,
-    },
+    /// The stored JSON, parsed into Luau each time a script reads it.
+    Text(String),
 }
 
 impl KnownValue {
-    /// The value this server just wrote as `text`.
-    pub(crate) fn written(text: String) -> Self {
-        Self::Written {
-            text,
-            decoded: OnceCell::new(),
+    /// A value read as `text` by database work running on `backend`'s behalf: kept as text
+    /// where the VM thread polls that work, decoded here (on a database thread) otherwise.
+    pub(crate) fn read(backend: &dyn Backend, text: String) -> Result<Self, DataStoreError> {
+        if backend.polled_by_caller() {
+            Ok(Self::Text(text))
+        } else {
+            codec::decode(&text).map(Self::Decoded)
         }
     }
 
     /// A fresh Luau value for a script.
     pub(crate) fn to_lua(&self, lua: &Lua) -> mlua::Result<Value> {
-        let stored = match self {
-            Self::Decoded(stored) => stored,
-            Self::Written { text, decoded } => match decoded.get() {
-                Some(stored) => stored,
-                None => {
-                    let stored = codec::decode(text)?;
-                    decoded.get_or_init(|| stored)
-                }
-            },
-        };
-        codec::to_lua(lua, stored)
+        match self {
+            Self::Decoded(stored) => codec::to_lua(lua, stored),
+            Self::Text(text) => codec::text_to_lua(lua, text),
+        }
     }
 }
 

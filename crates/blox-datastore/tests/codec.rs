@@ -122,7 +122,9 @@ proptest! {
         let decoded = codec::decode(&text).expect("what the codec writes, it reads");
         let back = codec::to_lua(&lua, &decoded).unwrap();
         prop_assert!(same(&tree, &back), "{tree:?} came back as {text}");
-        prop_assert_eq!(codec::encode(&lua, &back).unwrap(), text, "encoding is stable");
+        prop_assert_eq!(&codec::encode(&lua, &back).unwrap(), &text, "encoding is stable");
+        let parsed = codec::text_to_lua(&lua, &text).expect("what the codec writes, it parses");
+        prop_assert!(same(&tree, &parsed), "{tree:?} parsed straight into Luau as {text}");
     }
 
     #[test]
@@ -265,6 +267,11 @@ fn decoding_rejects_what_blox_never_writes() {
             matches!(codec::decode(text), Err(DataStoreError::Corrupt(_))),
             "{text:?}"
         );
+        let error = codec::text_to_lua(&Lua::new(), text).expect_err(text);
+        assert!(
+            error.to_string().contains("invalid stored JSON at byte"),
+            "{text:?}: {error}"
+        );
     }
     assert_eq!(
         codec::decode(r#"{"a":[1,"\u00e9\ud83d\ude00"],"b":null}"#).unwrap(),
@@ -276,6 +283,16 @@ fn decoding_rejects_what_blox_never_writes() {
             ("b".to_owned(), Stored::Null),
         ])
     );
+    let lua = Lua::new();
+    let parsed =
+        codec::text_to_lua(&lua, r#"{"a":[1,"\u00e9\ud83d\ude00","x\ny"],"b":null}"#).unwrap();
+    let parsed = parsed.as_table().unwrap();
+    let items: mlua::Table = parsed.get("a").unwrap();
+    assert_eq!(items.raw_len(), 3);
+    assert_eq!(items.get::<f64>(1).unwrap(), 1.0);
+    assert_eq!(items.get::<String>(2).unwrap(), "é😀");
+    assert_eq!(items.get::<String>(3).unwrap(), "x\ny");
+    assert!(parsed.get::<Value>("b").unwrap().is_nil());
 }
 
 #[test]
@@ -290,7 +307,18 @@ fn building_a_value_too_large_for_the_heap_fails_cleanly() {
         .unwrap();
     let error = codec::to_lua(&lua, &big).expect_err("the heap is too small");
     assert!(matches!(error, mlua::Error::MemoryError(_)), "{error:?}");
+    let text = format!(
+        "[{}]",
+        (0..20_000)
+            .map(|i| format!("\"item number {i} with some padding\""))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let error = codec::text_to_lua(&lua, &text).expect_err("the heap is too small");
+    assert!(matches!(error, mlua::Error::MemoryError(_)), "{error:?}");
     lua.set_memory_limit(0).unwrap();
+    let value = codec::text_to_lua(&lua, &text).expect("fits once the limit is lifted");
+    assert_eq!(value.as_table().map(|table| table.raw_len()), Some(20_000));
     let value = codec::to_lua(&lua, &big).expect("fits once the limit is lifted");
     assert_eq!(value.as_table().map(|table| table.raw_len()), Some(20_000));
 }
@@ -309,4 +337,16 @@ fn values_nested_as_deep_as_the_codec_allows_build() {
     let value = codec::to_lua(&lua, &stored).unwrap();
     let text = codec::encode(&lua, &value).unwrap();
     assert_eq!(codec::decode(&text).unwrap(), stored);
+    let parsed = codec::text_to_lua(&lua, &text).unwrap();
+    assert_eq!(codec::encode(&lua, &parsed).unwrap(), text);
+    let too_deep = format!(
+        "{}{}",
+        "[".repeat(codec::MAX_DEPTH + 2),
+        "]".repeat(codec::MAX_DEPTH + 2)
+    );
+    assert!(matches!(
+        codec::decode(&too_deep),
+        Err(DataStoreError::Corrupt(_))
+    ));
+    assert!(codec::text_to_lua(&lua, &too_deep).is_err());
 }

@@ -5,17 +5,20 @@
 //! Scripts run without request budgets (as a self-hoster's server with `--request-budgets
 //! off`), so their timing does not depend on Roblox's throttling; a script opts into server
 //! settings with leading `-- blox-test: ...` lines: `roblox-budgets` for Roblox's budgets and
-//! queues, `keep-all-versions` to keep every version.
+//! queues, `keep-all-versions` to keep every version, `hand-edited-row` to find a row that
+//! Blox did not write (key `edited` of the store `HandEdited`, holding text that is not JSON)
+//! before it starts.
 
 use std::time::Duration;
 
 use blox::Host;
-use blox_datastore::backend::OpenOptions;
+use blox_datastore::backend::{EntryKey, OpenOptions, StoreKind, Write};
 use blox_datastore::budget::Throttling;
 use blox_engine::ServerIdentity;
 use blox_testkit::{Scratch, TestDatabase};
 
 const TIME_LIMIT: Duration = Duration::from_secs(120);
+const GAME_ID: i64 = 2002;
 
 fn run_luau_test(name: &str, database: TestDatabase) {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -36,9 +39,28 @@ fn run_luau_test(name: &str, database: TestDatabase) {
     let host = Host::open(&scratch.url, &options)
         .expect("database opens")
         .with_throttling(throttling);
+    if directives.contains(&"hand-edited-row") {
+        let key = EntryKey {
+            universe: GAME_ID,
+            kind: StoreKind::Standard,
+            store: "HandEdited".to_owned(),
+            scope: "global".to_owned(),
+            key: "edited".to_owned(),
+        };
+        let row = Write {
+            value: r#"{"Money":"#.to_owned(),
+            user_ids: "[]".to_owned(),
+            metadata: "{}".to_owned(),
+            deleted: false,
+            now_ms: 1_000,
+        };
+        host.database_runtime()
+            .block_on(host.backend().write(&key, &row))
+            .expect("the row is written");
+    }
     let identity = ServerIdentity {
         place_id: 1001,
-        game_id: 2002,
+        game_id: GAME_ID,
         job_id: blox_engine::new_guid(),
     };
     let timed_out = std::rc::Rc::new(std::cell::Cell::new(false));
