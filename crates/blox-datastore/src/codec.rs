@@ -481,7 +481,7 @@ pub(crate) fn write_string(out: &mut String, text: &str) {
 
 /// Parses stored JSON text. Fails only on text that Blox did not write (a hand-edited row).
 ///
-/// This runs on the database runtime for every value read from SQLite, so it allocates each
+/// This runs on the database runtime for every value SQLite reads, so it allocates each
 /// string and each container once, at its final size: the parse first lists the value's
 /// tokens, with each container's member count, and the tree is built from that list.
 pub fn decode(text: &str) -> Result<Stored, DataStoreError> {
@@ -518,14 +518,18 @@ enum Token<'a> {
     Object(usize),
 }
 
+/// The most tokens [`tokenize`] reserves room for before it has read any.
+const MAX_TOKENS_RESERVED: usize = 256;
+
 /// The tokens of the one value that `text` holds.
 fn tokenize(text: &str) -> Result<Vec<Token<'_>>, DataStoreError> {
     let mut parser = Parser {
         text,
         bytes: text.as_bytes(),
         position: 0,
-        // About one token per 6 bytes of a typical player value; a guess only saves regrowing.
-        tokens: Vec::with_capacity(text.len() / 6 + 1),
+        // About one token per 6 bytes of a typical player value; the guess only saves regrowing
+        // the list for small values, so it is capped: a 4 MB string is one token, not 700,000.
+        tokens: Vec::with_capacity((text.len() / 6 + 1).min(MAX_TOKENS_RESERVED)),
     };
     parser.value(0)?;
     parser.skip_whitespace();
