@@ -1,24 +1,34 @@
-//! Database work polled by the Luau thread that awaits it, inside the database runtime's
-//! context.
+//! Database work polled by the Luau thread that awaits it, on the VM's own runtime.
 //!
 //! Spawning a call's work onto the database runtime and awaiting the join handle costs two
 //! wake-ups across threads per call (VM thread -> database worker -> VM thread) that raw sqlx,
-//! whose task polls its own query, never pays; on PostgreSQL, where the work is socket I/O,
-//! polling it where it is awaited was worth a third more GetAsync calls per second at 8
-//! coroutines (BENCHMARKS.md, session 8). [`Attached`] polls the work on the VM thread, but
-//! with the database runtime entered for every poll, so whatever the work opens (sockets,
-//! timers) registers with the database runtime's drivers, which its worker threads run: a
-//! connection first opened by a VM-thread call belongs to the database runtime like every
-//! other, outlives the VM's own runtime, and serves the purge task and `OnUpdate` polling
-//! without waiting for the VM thread.
+//! whose task polls its own query, never pays. So a backend whose work is socket I/O
+//! (PostgreSQL) gives each VM a lane of its own ([`crate::backend::Backend::lane`]): its
+//! connections open inside the VM's runtime the first time a call of the VM uses them, and
+//! [`Attached`] polls the work on the VM thread. Every hop of a call is then between the VM
+//! thread and the database server; while an answer is outstanding the VM thread polls its
+//! runtime briefly before it sleeps ([`blox_scheduler::Scheduler::expect_answer`]), so an
+//! answer that comes fast finds it awake.
+//!
+//! ARCHITECTURE.md section 1 spawns database work onto the database runtime so that it never
+//! depends on the VM thread; sessions 8 and 9 polled it on the VM thread inside the database
+//! runtime's context, where its sockets stayed with the database runtime and every answer
+//! still passed a database worker. With both hops gone and the brief polling, PostgreSQL
+//! GetAsync at 8 coroutines went from 0.63-0.73 to 0.85-0.90 of raw sqlx (BENCHMARKS.md,
+//! session 12). What that costs: a lane's sockets are driven only while the VM's runtime
+//! runs, so its connections serve that VM alone (background work such as the purge task and
+//! `OnUpdate` polling keeps the shared connections on the database runtime), and the lane
+//! closes with the VM.
 //!
 //! A call's work always finishes, as a request sent to Roblox's servers does, and never waits
 //! on a thread that will not poll it again: it may hold a database connection or lead a batch
 //! that other threads' requests wait for ([`crate::backend::batch`]). When the awaiting thread
 //! is stopped (`task.cancel`, `coroutine.close`) the scheduler's stop hook, and when the
-//! awaiting future is dropped (the VM closes) its `Drop`, spawns the rest of the work onto the
-//! database runtime. The hook is needed because mlua frees the future of a stopped thread only
-//! when the garbage collector reaches the thread, which a quiet server may never do.
+//! awaiting future is dropped its `Drop`, spawns the rest of the work onto the VM's runtime,
+//! which drives its sockets. The hook is needed because mlua frees the future of a stopped
+//! thread only when the garbage collector reaches the thread, which a quiet server may never
+//! do. Work still running when the VM's runtime shuts down ends there, as a request in flight
+//! when a Roblox server shuts down may or may not have been applied.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -26,14 +36,15 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 
-use blox_scheduler::{Scheduler, StopGuard};
+use blox_scheduler::{AnswerGuard, Scheduler, StopGuard};
 use mlua::Lua;
 use tokio::runtime::Handle;
 
-/// The work of one call, while the awaiting thread still polls it.
-type WorkCell<F> = Rc<RefCell<Option<Pin<Box<F>>>>>;
+/// The work of one call while the awaiting thread still polls it, and the mark that keeps the
+/// VM thread polling for its answer.
+type WorkCell<F> = Rc<RefCell<Option<(Pin<Box<F>>, AnswerGuard)>>>;
 
-/// `work`, polled by the calling Luau thread inside `runtime`'s context; finished on `runtime`
+/// `work`, polled by the calling Luau thread on the VM's runtime; finished there, unawaited,
 /// if that thread is stopped or the future dropped first.
 pub(crate) struct Attached<F>
 where
@@ -48,10 +59,15 @@ impl<F> Attached<F>
 where
     F: Future + Send + 'static,
 {
-    /// Attaches `work` to the Luau thread running in `lua` now.
-    pub(crate) fn new(lua: &Lua, runtime: Handle, work: F) -> Self {
-        let work: WorkCell<F> = Rc::new(RefCell::new(Some(Box::pin(work))));
-        let stop = Scheduler::of(lua).on_stop(&lua.current_thread(), {
+    /// Attaches `work` to the Luau thread running in `lua` now, on the runtime it runs in.
+    pub(crate) fn new(lua: &Lua, work: F) -> Self {
+        let runtime = Handle::current();
+        let scheduler = Scheduler::of(lua);
+        let work: WorkCell<F> = Rc::new(RefCell::new(Some((
+            Box::pin(work),
+            scheduler.expect_answer(),
+        ))));
+        let stop = scheduler.on_stop(&lua.current_thread(), {
             let (runtime, work) = (runtime.clone(), Rc::clone(&work));
             move || finish_on(&runtime, &work)
         });
@@ -68,7 +84,7 @@ fn finish_on<F>(runtime: &Handle, work: &WorkCell<F>)
 where
     F: Future + Send + 'static,
 {
-    if let Some(work) = work.borrow_mut().take() {
+    if let Some((work, _answer)) = work.borrow_mut().take() {
         drop(runtime.spawn(async move {
             work.await;
         }));
@@ -85,13 +101,10 @@ where
         let mut work = self.work.borrow_mut();
         // Empty once the thread was stopped: nothing resumes a stopped thread, so its call
         // never completes.
-        let Some(running) = work.as_mut() else {
+        let Some((running, _)) = work.as_mut() else {
             return Poll::Pending;
         };
-        let polled = {
-            let _entered = self.runtime.enter();
-            running.as_mut().poll(context)
-        };
+        let polled = running.as_mut().poll(context);
         if polled.is_ready() {
             *work = None;
         }
@@ -118,14 +131,6 @@ mod tests {
 
     use super::*;
 
-    fn database_runtime() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("a database runtime")
-    }
-
     fn vm_runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -140,28 +145,28 @@ mod tests {
     }
 
     #[test]
-    fn a_socket_opened_by_attached_work_serves_the_database_runtime_after_the_vm_ends() {
-        let database = database_runtime();
+    fn a_socket_opened_by_attached_work_belongs_to_the_vm_runtime() {
         let lua = lua_with_scheduler();
         let vm = vm_runtime();
-        let listener = vm
-            .block_on(Attached::new(&lua, database.handle().clone(), async {
+        let (listener, address) = vm.block_on(async {
+            let listener = Attached::new(&lua, async {
                 tokio::net::TcpListener::bind("127.0.0.1:0").await
-            }))
+            })
+            .await
             .expect("a listener");
-        drop(vm);
-        let address = listener.local_addr().expect("an address");
-        let connected = database.block_on(async move {
+            let address = listener.local_addr().expect("an address");
+            (listener, address)
+        });
+        let accepted = vm.block_on(async move {
             let (accepted, connected) =
                 tokio::join!(listener.accept(), tokio::net::TcpStream::connect(address));
             accepted.is_ok() && connected.is_ok()
         });
-        assert!(connected);
+        assert!(accepted, "the VM's runtime drives the socket");
     }
 
     #[test]
-    fn work_dropped_mid_call_finishes_on_the_database_runtime() {
-        let database = database_runtime();
+    fn work_dropped_mid_call_finishes_on_the_vm_runtime() {
         let lua = lua_with_scheduler();
         let finished = Arc::new(AtomicBool::new(false));
         let work = {
@@ -173,18 +178,56 @@ mod tests {
         };
         let vm = vm_runtime();
         vm.block_on(async {
-            let call = Attached::new(&lua, database.handle().clone(), work);
+            let call = Attached::new(&lua, work);
             let abandoned = tokio::time::timeout(Duration::from_millis(1), call).await;
             assert!(abandoned.is_err(), "the work was still running");
+            assert!(!finished.load(Ordering::SeqCst));
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while !finished.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+            .await
+            .expect("the work finished unawaited");
         });
-        drop(vm);
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !finished.load(Ordering::SeqCst) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the work never finished"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+    }
+
+    #[test]
+    fn work_of_a_stopped_thread_finishes_on_the_vm_runtime() {
+        let lua = lua_with_scheduler();
+        let finished = Arc::new(AtomicBool::new(false));
+        let vm = vm_runtime();
+        vm.block_on(async {
+            let scheduler = Scheduler::of(&lua);
+            let work = {
+                let finished = Arc::clone(&finished);
+                async move {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    finished.store(true, Ordering::SeqCst);
+                }
+            };
+            let work = RefCell::new(Some(work));
+            let call = lua
+                .create_async_function(move |lua, ()| {
+                    let work = Attached::new(&lua, work.borrow_mut().take().expect("one call"));
+                    async move {
+                        work.await;
+                        Ok(())
+                    }
+                })
+                .expect("a function");
+            let thread = lua.create_thread(call).expect("a thread");
+            scheduler
+                .spawn(thread.clone(), mlua::MultiValue::new())
+                .expect("started");
+            scheduler.cancel(&thread);
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while !finished.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+            .await
+            .expect("the stopped thread's work finished");
+        });
     }
 }

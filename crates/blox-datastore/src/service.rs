@@ -52,7 +52,10 @@ const VERSION_TIME_LEEWAY_MS: i64 = 10 * 60 * 1000;
 /// What every DataStore object of one VM shares: where data lives and who it belongs to.
 #[derive(Debug)]
 pub struct DataStoreContext {
+    /// The shared backend, for work spawned onto the database runtime.
     backend: Arc<dyn Backend>,
+    /// The backend this VM's calls run on: its own lane where the backend gives one.
+    calls: Arc<dyn Backend>,
     runtime: tokio::runtime::Handle,
     universe: i64,
     /// `OnUpdate` subscriptions and what they have seen.
@@ -62,9 +65,11 @@ pub struct DataStoreContext {
 }
 
 impl DataStoreContext {
-    /// A context storing into `backend` for the game `universe`, with database work on, or in
-    /// the context of, `runtime` (a multi-thread runtime other than the VM's; see
-    /// [`DataStoreContext::run`]), with request budgets as `throttling` sets them.
+    /// A context storing into `backend` for the game `universe`, with request budgets as
+    /// `throttling` sets them. Calls run on the VM's own lane of `backend` where it gives one
+    /// (its connections open on the VM's runtime), and on `runtime` (a multi-thread runtime
+    /// other than the VM's) otherwise, as does background work; see
+    /// [`DataStoreContext::run`].
     pub fn new(
         backend: Arc<dyn Backend>,
         runtime: tokio::runtime::Handle,
@@ -72,6 +77,7 @@ impl DataStoreContext {
         throttling: Throttling,
     ) -> Rc<Self> {
         Rc::new(Self {
+            calls: backend.lane().unwrap_or_else(|| Arc::clone(&backend)),
             backend,
             runtime,
             universe,
@@ -105,8 +111,8 @@ impl DataStoreContext {
     }
 
     /// Runs `work` for the calling thread and waits for it without blocking the VM thread:
-    /// polled by the calling thread inside the database runtime's context ([`Attached`]) when
-    /// the backend runs best that way, spawned onto the database runtime otherwise.
+    /// polled by the calling thread on this VM's lane ([`Attached`]) where the backend gives
+    /// one, spawned onto the database runtime otherwise.
     pub(crate) async fn run<T, F, W>(
         &self,
         lua: &Lua,
@@ -119,9 +125,9 @@ impl DataStoreContext {
         F: Future<Output = Result<T, OperationError>> + Send + 'static,
         W: FnOnce(Arc<dyn Backend>) -> F,
     {
-        let work = work(Arc::clone(&self.backend));
-        let joined = if self.backend.polled_by_caller() {
-            Ok(Attached::new(lua, self.runtime.clone(), work).await)
+        let work = work(Arc::clone(&self.calls));
+        let joined = if self.calls.polled_by_caller() {
+            Ok(Attached::new(lua, work).await)
         } else {
             self.runtime.spawn(work).await
         };

@@ -15,11 +15,13 @@
 //! Timers (`task.wait`, `task.delay`) and frame hooks (RunService's Heartbeat and friends) run
 //! on 60 Hz frames measured by a [`Clock`], so tests can drive time with a [`ManualClock`].
 
+mod answers;
 mod clock;
 mod library;
 mod signal;
 mod watchdog;
 
+pub use answers::{AnswerGuard, FAST_ANSWER, MAX_POLL};
 pub use clock::{Clock, ManualClock, RealClock};
 pub use library::install;
 pub use signal::{Signal, SignalConnection};
@@ -137,6 +139,8 @@ pub struct Scheduler {
     poll_depth: Cell<usize>,
     /// What to run when a thread is stopped while it awaits a Rust future, by thread.
     stop_hooks: RefCell<FxHashMap<*const c_void, Vec<(u64, StopHook)>>>,
+    /// Answers expected soon, which the VM thread briefly polls for before it sleeps.
+    answers: answers::ExpectedAnswers,
 }
 
 type StopHook = Box<dyn FnOnce()>;
@@ -186,6 +190,7 @@ impl Scheduler {
             watchdog: RefCell::default(),
             poll_depth: Cell::new(0),
             stop_hooks: RefCell::default(),
+            answers: answers::ExpectedAnswers::default(),
         });
         lua.set_app_data(Rc::clone(&scheduler));
         install(lua)?;
@@ -271,6 +276,14 @@ impl Scheduler {
             thread: pointer,
             id,
         }
+    }
+
+    /// Marks an answer as expected soon until the guard drops: a Rust future that waits on I/O
+    /// of this VM's own runtime (a database socket) holds one, so that the VM thread polls the
+    /// runtime for a short while before it sleeps ([`MAX_POLL`] at most, and only while such
+    /// answers have lately come within [`FAST_ANSWER`]).
+    pub fn expect_answer(&self) -> AnswerGuard {
+        self.answers.expect()
     }
 
     /// Stops `thread` wherever it is parked, like `task.cancel`, and runs the hooks given to
@@ -452,12 +465,37 @@ impl Scheduler {
                 tokio::task::yield_now().await;
                 continue;
             }
+            let expecting = self.answers.any();
+            let waiting_since = std::time::Instant::now();
+            if expecting {
+                let budget = self.answers.poll_budget().min(next_frame - now);
+                if self.poll_runtime_for(budget).await {
+                    self.answers.record_wait(waiting_since.elapsed());
+                    continue;
+                }
+            }
             tokio::select! {
                 _ = self.queue.notify.notified() => {}
                 _ = tokio::time::sleep(next_frame - now) => {}
                 _ = &mut stop => return,
             }
+            if expecting {
+                self.answers.record_wait(waiting_since.elapsed());
+            }
         }
+    }
+
+    /// Hands the runtime turn after turn (each one polls its I/O driver without sleeping)
+    /// until a thread is ready or `budget` has passed; true if a thread is ready.
+    async fn poll_runtime_for(&self, budget: Duration) -> bool {
+        let started = std::time::Instant::now();
+        while started.elapsed() < budget {
+            tokio::task::yield_now().await;
+            if self.queued_count() > 0 {
+                return true;
+            }
+        }
+        false
     }
 
     /// The errors that ended threads so far, oldest first.

@@ -42,9 +42,14 @@ pub struct Batcher<T, A> {
     state: Mutex<State<T, A>>,
     /// The most batches in flight at once.
     in_flight_limit: usize,
-    /// Requests answered so far.
+    /// What this batcher and the ones made from it by [`Batcher::sibling`] served so far.
+    served: Arc<Served>,
+}
+
+/// Requests answered so far, and the batches that answered them.
+#[derive(Debug, Default)]
+struct Served {
     requests: AtomicU64,
-    /// Batches that answered them.
     batches: AtomicU64,
 }
 
@@ -122,8 +127,20 @@ impl<T, A> Batcher<T, A> {
                 in_flight: 0,
             }),
             in_flight_limit: in_flight_limit.max(1),
-            requests: AtomicU64::new(0),
-            batches: AtomicU64::new(0),
+            served: Arc::default(),
+        }
+    }
+
+    /// An empty batcher with the same limit that counts into the same statistics: requests
+    /// that run on other connections (another VM's) batch apart but are reported together.
+    pub fn sibling(&self) -> Self {
+        Self {
+            state: Mutex::new(State {
+                queued: Vec::new(),
+                in_flight: 0,
+            }),
+            in_flight_limit: self.in_flight_limit,
+            served: Arc::clone(&self.served),
         }
     }
 
@@ -168,8 +185,8 @@ impl<T, A> Batcher<T, A> {
     /// The requests answered so far and the batches that answered them.
     pub fn statistics(&self) -> BatchStatistics {
         BatchStatistics {
-            requests: self.requests.load(Ordering::Relaxed),
-            batches: self.batches.load(Ordering::Relaxed),
+            requests: self.served.requests.load(Ordering::Relaxed),
+            batches: self.served.batches.load(Ordering::Relaxed),
         }
     }
 
@@ -182,8 +199,10 @@ impl<T, A> Batcher<T, A> {
 
     /// Counts one batch of `requests` answered.
     fn answered(&self, requests: usize) {
-        self.batches.fetch_add(1, Ordering::Relaxed);
-        self.requests.fetch_add(requests as u64, Ordering::Relaxed);
+        self.served.batches.fetch_add(1, Ordering::Relaxed);
+        self.served
+            .requests
+            .fetch_add(requests as u64, Ordering::Relaxed);
     }
 
     fn lock(&self) -> MutexGuard<'_, State<T, A>> {

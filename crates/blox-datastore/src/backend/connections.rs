@@ -96,6 +96,21 @@ impl<C: Connection> ConnectionSet<C> {
         })
     }
 
+    /// An empty set with the same options and limits, whose connections open when first
+    /// borrowed: a socket belongs to the Tokio runtime it is opened in, so a set made for one
+    /// VM and first used from the VM's thread is driven by the VM's own runtime.
+    pub fn sibling(&self) -> Self {
+        let set = &*self.shared;
+        Self {
+            shared: Arc::new(Shared {
+                options: set.options.clone(),
+                idle: Mutex::new(Vec::with_capacity(set.limits.size)),
+                available: Semaphore::new(set.limits.size),
+                limits: set.limits,
+            }),
+        }
+    }
+
     /// A working connection, waiting for one to come back when all are out: an idle one
     /// (pinged first if it idled too long, replaced if the ping fails) or a new one.
     pub async fn acquire(&self) -> Result<Lease<'_, C>, sqlx::Error> {
@@ -387,6 +402,21 @@ mod tests {
             "the one that idled was closed, the one that just came back kept"
         );
         assert!(set.acquire().await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_sibling_starts_empty_and_opens_its_own_connections() {
+        let (_folder, set) = scratch_set(2).await;
+        let mut lease = set.acquire().await.unwrap();
+        mark(&mut lease).await;
+        drop(lease);
+        let sibling = set.sibling();
+        assert_eq!(sibling.open_connections(), 0);
+        let mut own = sibling.acquire().await.unwrap();
+        assert!(!is_marked(&mut own).await, "a connection of its own");
+        drop(own);
+        assert_eq!(sibling.open_connections(), 1);
+        assert_eq!(set.open_connections(), 1);
     }
 
     #[tokio::test]

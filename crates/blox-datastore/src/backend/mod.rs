@@ -369,13 +369,18 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// The current row of `key`, tombstones included; `None` if it was never written.
     async fn read(&self, key: &EntryKey) -> Result<Option<Entry>, BackendError>;
 
-    /// Whether a DataStore call's work on this backend runs best polled by the thread that
-    /// awaits it, inside the database runtime's context, rather than spawned onto the
-    /// database runtime. PostgreSQL's work is socket I/O, and polling it where it is awaited
-    /// saves two wake-ups across threads per call; SQLite's statements already run on worker
-    /// threads of their own, and polling where they are awaited would move decoding their
-    /// rows onto the VM thread, which competes with SQLite's in-process work for the cores.
+    /// Whether work on this backend is polled by the thread that awaits it, on that thread's
+    /// runtime, rather than spawned onto the database runtime: true for a [`Backend::lane`].
     fn polled_by_caller(&self) -> bool;
+
+    /// A copy of this backend for one VM, whose work the VM's thread polls on the VM's own
+    /// runtime: it shares the database and the statistics but has connections of its own,
+    /// opened where first used, so the VM's runtime drives their sockets and answers reach
+    /// the VM thread without passing a database worker. `None` where work runs best spawned
+    /// onto the database runtime: SQLite's statements run on worker threads of their own, and
+    /// polling them on the VM thread would move decoding their rows there, where it competes
+    /// with SQLite's in-process work for the cores.
+    fn lane(&self) -> Option<Arc<dyn Backend>>;
 
     /// How this backend's point reads ([`Backend::read`]) shared statements so far.
     fn read_statistics(&self) -> batch::BatchStatistics;
@@ -813,7 +818,7 @@ use upsert_on_conflict;
 /// Implements [`Backend`] for a dialect from the methods that hand out its reading and writing
 /// connections, and its [`Statements`].
 macro_rules! sql_backend {
-    ($backend:ty, $db:ty, $statements:expr, bind_keys = $bind_keys:path, bind_writes = $bind_writes:path, read_connection = $read:ident, write_connection = $write:ident, polled_by_caller = $polled_by_caller:expr) => {
+    ($backend:ty, $db:ty, $statements:expr, bind_keys = $bind_keys:path, bind_writes = $bind_writes:path, read_connection = $read:ident, write_connection = $write:ident, polled_by_caller = $polled_by_caller:expr, lane = $lane:expr) => {
         #[async_trait::async_trait]
         impl $crate::backend::Backend for $backend {
             async fn read(
@@ -832,7 +837,11 @@ macro_rules! sql_backend {
             }
 
             fn polled_by_caller(&self) -> bool {
-                $polled_by_caller
+                ($polled_by_caller)(self)
+            }
+
+            fn lane(&self) -> Option<std::sync::Arc<dyn $crate::backend::Backend>> {
+                ($lane)(self)
             }
 
             fn read_statistics(&self) -> $crate::backend::batch::BatchStatistics {

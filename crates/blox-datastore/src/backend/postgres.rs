@@ -14,7 +14,7 @@ use sqlx::{ConnectOptions as _, Connection as _};
 
 use super::connections::{ConnectionSet, Lease, SetLimits};
 use super::{
-    BackendError, EntryKey, OpenOptions, ReadBatch, ReadBatcher, Statements, WriteBatcher,
+    Backend, BackendError, EntryKey, OpenOptions, ReadBatch, ReadBatcher, Statements, WriteBatcher,
     WriteRequest, sql_backend, upsert_on_conflict,
 };
 
@@ -136,6 +136,8 @@ pub struct PostgresBackend {
     writes: Arc<WriteBatcher>,
     /// Every write asks to keep the version it supersedes ([`OpenOptions::keep_all_versions`]).
     keep_all_versions: bool,
+    /// A VM's copy ([`Backend::lane`]), polled on the VM's runtime.
+    is_lane: bool,
 }
 
 /// How Blox keeps its PostgreSQL connections: `size` at most, `timeout` to get one.
@@ -240,7 +242,19 @@ impl PostgresBackend {
             reads: Arc::new(ReadBatcher::for_connections(limits.size)),
             writes: Arc::new(WriteBatcher::for_connections(limits.size)),
             keep_all_versions: options.keep_all_versions,
+            is_lane: false,
         })
+    }
+
+    /// A VM's copy: the same database, connections and batches of its own.
+    fn sibling(&self) -> Self {
+        Self {
+            connections: self.connections.sibling(),
+            reads: Arc::new(self.reads.sibling()),
+            writes: Arc::new(self.writes.sibling()),
+            keep_all_versions: self.keep_all_versions,
+            is_lane: true,
+        }
     }
 
     /// A connection for reads and writes alike: one set serves both.
@@ -339,7 +353,8 @@ sql_backend!(
     bind_writes = bind_writes,
     read_connection = connection,
     write_connection = connection,
-    polled_by_caller = true
+    polled_by_caller = |backend: &PostgresBackend| backend.is_lane,
+    lane = |backend: &PostgresBackend| Some(Arc::new(backend.sibling()) as Arc<dyn Backend>)
 );
 
 #[cfg(test)]

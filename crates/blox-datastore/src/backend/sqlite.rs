@@ -313,5 +313,6 @@ sql_backend!(
     bind_writes = bind_writes,
     read_connection = read_connection,
     write_connection = write_connection,
-    polled_by_caller = false
+    polled_by_caller = |_: &SqliteBackend| false,
+    lane = |_: &SqliteBackend| None
 );
