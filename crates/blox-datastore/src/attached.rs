@@ -2,23 +2,26 @@
 //!
 //! Spawning a call's work onto the database runtime and awaiting the join handle costs two
 //! wake-ups across threads per call (VM thread -> database worker -> VM thread) that raw sqlx,
-//! whose task polls its own query, never pays. So a backend whose work is socket I/O
-//! (PostgreSQL) gives each VM a lane of its own ([`crate::backend::Backend::lane`]): its
-//! connections open inside the VM's runtime the first time a call of the VM uses them, and
-//! [`Attached`] polls the work on the VM thread. Every hop of a call is then between the VM
-//! thread and the database server; while an answer is outstanding the VM thread polls its
+//! whose task polls its own query, never pays. So [`Attached`] polls every call's work on the
+//! VM thread. A backend whose connections are sockets (PostgreSQL) gives each VM a lane of
+//! its own ([`crate::backend::Backend::lane`]), whose connections open inside the VM's runtime
+//! the first time a call of the VM uses them: its answers reach the VM thread without passing
+//! a database worker. SQLite's connections each run on a worker thread of their own, which
+//! answers the VM thread directly. While an answer is outstanding the VM thread polls its
 //! runtime briefly before it sleeps ([`blox_scheduler::Scheduler::expect_answer`]), so an
 //! answer that comes fast finds it awake.
 //!
 //! ARCHITECTURE.md section 1 spawns database work onto the database runtime so that it never
-//! depends on the VM thread; sessions 8 and 9 polled it on the VM thread inside the database
-//! runtime's context, where its sockets stayed with the database runtime and every answer
-//! still passed a database worker. With both hops gone and the brief polling, PostgreSQL
-//! GetAsync at 8 coroutines went from 0.63-0.73 to 0.85-0.90 of raw sqlx (BENCHMARKS.md,
-//! session 12). What that costs: a lane's sockets are driven only while the VM's runtime
-//! runs, so its connections serve that VM alone (background work such as the purge task and
-//! `OnUpdate` polling keeps the shared connections on the database runtime), and the lane
-//! closes with the VM.
+//! depends on the VM thread; sessions 8 to 11 polled PostgreSQL's work on the VM thread inside
+//! the database runtime's context (its sockets stayed with that runtime, every answer still
+//! passed a database worker) and spawned SQLite's. With lanes, SQLite polled here and the
+//! brief polling, GetAsync at 8 coroutines went from 0.59-0.64 to 0.86-0.99 of raw sqlx on
+//! PostgreSQL and from 0.74-0.76 to 0.91-0.94 on SQLite (BENCHMARKS.md, session 12); neither
+//! the lanes nor the polling gained alone. What that costs: a lane's sockets are driven only
+//! while the VM's runtime runs, so its connections serve that VM alone (background work such
+//! as the purge task and `OnUpdate` polling keeps the shared connections on the database
+//! runtime), and the lane closes with the VM; a VM busy with fast reads spends part of a core
+//! polling.
 //!
 //! A call's work always finishes, as a request sent to Roblox's servers does, and never waits
 //! on a thread that will not poll it again: it may hold a database connection or lead a batch

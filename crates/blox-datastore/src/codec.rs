@@ -19,11 +19,11 @@
 //!   JSON cannot express; Blox stores them as the tokens `NaN`, `Infinity` and `-Infinity` and
 //!   reads them back exactly (such values are not valid JSON for outside tools, as on Roblox).
 //!
-//! Encoding runs on the VM thread (it walks Luau tables). Decoding text into [`Stored`] runs on
-//! the database runtime where the database work runs there (SQLite), so the VM thread only
-//! converts the finished tree into Luau values; where the VM thread polls the database work
-//! itself (PostgreSQL), [`text_to_lua`] parses the text straight into Luau instead. Both read
-//! the text with one tokenizer, so they accept and reject exactly the same texts.
+//! Encoding runs on the VM thread (it walks Luau tables). A value a call read is parsed there
+//! too, straight into Luau ([`text_to_lua`]), since the VM thread polls every call's database
+//! work; decoding text into a [`Stored`] tree serves work on database threads (`OnUpdate`
+//! polling) and the few reads whose value is kept decoded. Both read the text with one
+//! tokenizer, so they accept and reject exactly the same texts.
 
 use std::borrow::Cow;
 use std::ffi::{c_int, c_void};
@@ -481,9 +481,9 @@ pub(crate) fn write_string(out: &mut String, text: &str) {
 
 /// Parses stored JSON text. Fails only on text that Blox did not write (a hand-edited row).
 ///
-/// This runs on the database runtime for every value SQLite reads, so it allocates each
-/// string and each container once, at its final size: the parse first lists the value's
-/// tokens, with each container's member count, and the tree is built from that list.
+/// It allocates each string and each container once, at its final size: the parse first
+/// lists the value's tokens, with each container's member count, and the tree is built from
+/// that list.
 pub fn decode(text: &str) -> Result<Stored, DataStoreError> {
     let tokens = tokenize(text)?;
     Ok(build(&mut tokens.into_iter()))

@@ -38,8 +38,8 @@ pub fn created_ms(previous: Option<&Entry>, now_ms: i64) -> i64 {
     }
 }
 
-/// Reads a live key; tombstones read as absent. The value stays text: the caller decodes it
-/// where that is cheapest ([`crate::service`]'s `KnownValue::read`).
+/// Reads a live key; tombstones read as absent. The value stays text, which the VM thread
+/// parses straight into Luau ([`crate::codec::text_to_lua`]).
 pub async fn get(backend: &dyn Backend, key: &EntryKey) -> Result<Option<Entry>, BackendError> {
     Ok(backend.read(key).await?.filter(|entry| !entry.deleted))
 }

@@ -4,8 +4,8 @@
 //! Every `*Async` method runs inside [`yielding`]: a thread that cannot yield (an UpdateAsync
 //! transform) is refused before any work is sent; the method validates its arguments (a bad
 //! call raises at once and writes nothing), starts the database work (polled by the calling
-//! thread inside the database runtime's context, or spawned onto that runtime, as the backend
-//! runs best: [`DataStoreContext::run`]) and parks the calling thread until it is done; an
+//! thread on the VM's runtime: [`DataStoreContext::run`]) and parks the calling thread until
+//! it is done; an
 //! answer that needed no wait (a cache hit) still yields once, because Roblox libraries
 //! connect to their own signals after the call and hang if it returns without yielding. The
 //! VM thread never waits on the database: while a call's work waits, other threads run.
@@ -52,7 +52,7 @@ const VERSION_TIME_LEEWAY_MS: i64 = 10 * 60 * 1000;
 /// What every DataStore object of one VM shares: where data lives and who it belongs to.
 #[derive(Debug)]
 pub struct DataStoreContext {
-    /// The shared backend, for work spawned onto the database runtime.
+    /// The shared backend, for background work spawned onto the database runtime.
     backend: Arc<dyn Backend>,
     /// The backend this VM's calls run on: its own lane where the backend gives one.
     calls: Arc<dyn Backend>,
@@ -67,9 +67,8 @@ pub struct DataStoreContext {
 impl DataStoreContext {
     /// A context storing into `backend` for the game `universe`, with request budgets as
     /// `throttling` sets them. Calls run on the VM's own lane of `backend` where it gives one
-    /// (its connections open on the VM's runtime), and on `runtime` (a multi-thread runtime
-    /// other than the VM's) otherwise, as does background work; see
-    /// [`DataStoreContext::run`].
+    /// (its connections open on the VM's runtime; see [`DataStoreContext::run`]); background
+    /// work (`OnUpdate` polling) runs on `runtime`, a multi-thread runtime other than the VM's.
     pub fn new(
         backend: Arc<dyn Backend>,
         runtime: tokio::runtime::Handle,
@@ -111,8 +110,8 @@ impl DataStoreContext {
     }
 
     /// Runs `work` for the calling thread and waits for it without blocking the VM thread:
-    /// polled by the calling thread on this VM's lane ([`Attached`]) where the backend gives
-    /// one, spawned onto the database runtime otherwise.
+    /// polled by the calling thread on the VM's runtime ([`Attached`]), on this VM's lane of
+    /// the backend where it gives one.
     pub(crate) async fn run<T, F, W>(
         &self,
         lua: &Lua,
@@ -125,17 +124,10 @@ impl DataStoreContext {
         F: Future<Output = Result<T, OperationError>> + Send + 'static,
         W: FnOnce(Arc<dyn Backend>) -> F,
     {
-        let work = work(Arc::clone(&self.calls));
-        let joined = if self.calls.polled_by_caller() {
-            Ok(Attached::new(lua, work).await)
-        } else {
-            self.runtime.spawn(work).await
-        };
-        let failure = match joined {
-            Ok(Ok(value)) => return Ok(value),
-            Ok(Err(OperationError::Rejected(error))) => return Err(error.into()),
-            Ok(Err(OperationError::Backend(error))) => error.to_string(),
-            Err(join_error) => join_error.to_string(),
+        let failure = match Attached::new(lua, work(Arc::clone(&self.calls))).await {
+            Ok(value) => return Ok(value),
+            Err(OperationError::Rejected(error)) => return Err(error.into()),
+            Err(OperationError::Backend(error)) => error.to_string(),
         };
         tracing::error!(api, store, error = %failure, "DataStore request failed");
         Err(DataStoreError::Internal {
@@ -524,10 +516,7 @@ impl DataStore {
                     return Ok(None);
                 };
                 let info = KeyInfo::from_entry(&entry);
-                Ok(Some((
-                    KnownValue::read(backend.as_ref(), entry.value)?,
-                    info,
-                )))
+                Ok(Some((KnownValue::Text(entry.value), info)))
             })
             .await?
             .map(Rc::new);
@@ -595,7 +584,7 @@ impl DataStore {
                     let live = match entry.as_mut() {
                         Some(entry) if !entry.deleted => {
                             let text = std::mem::take(&mut entry.value);
-                            Some(KnownValue::read(backend.as_ref(), text)?)
+                            Some(KnownValue::Text(text))
                         }
                         _ => None,
                     };
@@ -1277,12 +1266,12 @@ impl UserData for DataStore {
     }
 }
 
-/// A key's value as this server knows it, in its read cache and for `OnUpdate`: decoded when
-/// a database thread read it, still the stored JSON text when the VM thread would have had to
-/// decode it: a value this server wrote (a script rarely reads back what it just saved, so a
-/// write does not pay for a decoded copy the cache would most likely drop unread), or one read
-/// by database work the VM thread polls itself (PostgreSQL's), where parsing the text straight
-/// into Luau skips building and dropping a tree on that thread.
+/// A key's value as this server knows it, in its read cache and for `OnUpdate`: still the
+/// stored JSON text where the VM thread would have had to decode it, a value a call read (the
+/// VM thread polls every call's work, and parsing the text straight into Luau skips building
+/// and dropping a tree there) or wrote (a script rarely reads back what it just saved, so a
+/// write does not pay for a decoded copy the cache would most likely drop unread); decoded
+/// where a database thread read it (`OnUpdate` polling) or the value is a number at hand.
 #[derive(Debug)]
 pub(crate) enum KnownValue {
     /// Decoded where the call's database work ran, on a database thread.
@@ -1292,16 +1281,6 @@ pub(crate) enum KnownValue {
 }
 
 impl KnownValue {
-    /// A value read as `text` by database work running on `backend`'s behalf: kept as text
-    /// where the VM thread polls that work, decoded here (on a database thread) otherwise.
-    pub(crate) fn read(backend: &dyn Backend, text: String) -> Result<Self, DataStoreError> {
-        if backend.polled_by_caller() {
-            Ok(Self::Text(text))
-        } else {
-            codec::decode(&text).map(Self::Decoded)
-        }
-    }
-
     /// A fresh Luau value for a script.
     pub(crate) fn to_lua(&self, lua: &Lua) -> mlua::Result<Value> {
         match self {

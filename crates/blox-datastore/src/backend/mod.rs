@@ -369,17 +369,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// The current row of `key`, tombstones included; `None` if it was never written.
     async fn read(&self, key: &EntryKey) -> Result<Option<Entry>, BackendError>;
 
-    /// Whether work on this backend is polled by the thread that awaits it, on that thread's
-    /// runtime, rather than spawned onto the database runtime: true for a [`Backend::lane`].
-    fn polled_by_caller(&self) -> bool;
-
-    /// A copy of this backend for one VM, whose work the VM's thread polls on the VM's own
+    /// A copy of this backend for one VM, whose calls the VM thread polls on the VM's own
     /// runtime: it shares the database and the statistics but has connections of its own,
     /// opened where first used, so the VM's runtime drives their sockets and answers reach
-    /// the VM thread without passing a database worker. `None` where work runs best spawned
-    /// onto the database runtime: SQLite's statements run on worker threads of their own, and
-    /// polling them on the VM thread would move decoding their rows there, where it competes
-    /// with SQLite's in-process work for the cores.
+    /// the VM thread without passing a database worker (PostgreSQL). `None` where the
+    /// connections are not sockets of a runtime and any thread may poll them: SQLite's each
+    /// run on a worker thread of their own, so every VM shares the one backend.
     fn lane(&self) -> Option<Arc<dyn Backend>>;
 
     /// How this backend's point reads ([`Backend::read`]) shared statements so far.
@@ -818,7 +813,7 @@ use upsert_on_conflict;
 /// Implements [`Backend`] for a dialect from the methods that hand out its reading and writing
 /// connections, and its [`Statements`].
 macro_rules! sql_backend {
-    ($backend:ty, $db:ty, $statements:expr, bind_keys = $bind_keys:path, bind_writes = $bind_writes:path, read_connection = $read:ident, write_connection = $write:ident, polled_by_caller = $polled_by_caller:expr, lane = $lane:expr) => {
+    ($backend:ty, $db:ty, $statements:expr, bind_keys = $bind_keys:path, bind_writes = $bind_writes:path, read_connection = $read:ident, write_connection = $write:ident, lane = $lane:expr) => {
         #[async_trait::async_trait]
         impl $crate::backend::Backend for $backend {
             async fn read(
@@ -834,10 +829,6 @@ macro_rules! sql_backend {
                 };
                 let read = self.read_batch(&batch).await;
                 batch.finish(read)
-            }
-
-            fn polled_by_caller(&self) -> bool {
-                ($polled_by_caller)(self)
             }
 
             fn lane(&self) -> Option<std::sync::Arc<dyn $crate::backend::Backend>> {

@@ -136,8 +136,6 @@ pub struct PostgresBackend {
     writes: Arc<WriteBatcher>,
     /// Every write asks to keep the version it supersedes ([`OpenOptions::keep_all_versions`]).
     keep_all_versions: bool,
-    /// A VM's copy ([`Backend::lane`]), polled on the VM's runtime.
-    is_lane: bool,
 }
 
 /// How Blox keeps its PostgreSQL connections: `size` at most, `timeout` to get one.
@@ -242,7 +240,6 @@ impl PostgresBackend {
             reads: Arc::new(ReadBatcher::for_connections(limits.size)),
             writes: Arc::new(WriteBatcher::for_connections(limits.size)),
             keep_all_versions: options.keep_all_versions,
-            is_lane: false,
         })
     }
 
@@ -253,7 +250,6 @@ impl PostgresBackend {
             reads: Arc::new(self.reads.sibling()),
             writes: Arc::new(self.writes.sibling()),
             keep_all_versions: self.keep_all_versions,
-            is_lane: true,
         }
     }
 
@@ -353,7 +349,6 @@ sql_backend!(
     bind_writes = bind_writes,
     read_connection = connection,
     write_connection = connection,
-    polled_by_caller = |backend: &PostgresBackend| backend.is_lane,
     lane = |backend: &PostgresBackend| Some(Arc::new(backend.sibling()) as Arc<dyn Backend>)
 );
 

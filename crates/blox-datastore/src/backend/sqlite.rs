@@ -313,6 +313,5 @@ sql_backend!(
     bind_writes = bind_writes,
     read_connection = read_connection,
     write_connection = write_connection,
-    polled_by_caller = |_: &SqliteBackend| false,
     lane = |_: &SqliteBackend| None
 );
