@@ -1,7 +1,9 @@
 //! The PostgreSQL backend: the production store, shared by every server of a game.
 //!
 //! One [`ConnectionSet`] sized to the machine (measured on 2 cores: 4 to 8 connections serve
-//! 64 concurrent clients faster than 64 connections would). Servers racing on one key are
+//! 64 concurrent clients faster than 64 connections would) for each VM's calls, opened on the
+//! VM's own runtime ([`crate::backend::Backend::lane`], `attached.rs` says why), and one
+//! shared set on the database runtime for background work. Servers racing on one key are
 //! serialized by the compare-and-set statements, never by locks held across a round trip.
 //! Migrations take sqlx's advisory lock, so servers that start together apply them once.
 
