@@ -15,9 +15,9 @@
 //! depends on the VM thread; sessions 8 to 11 polled PostgreSQL's work on the VM thread inside
 //! the database runtime's context (its sockets stayed with that runtime, every answer still
 //! passed a database worker) and spawned SQLite's. With lanes, SQLite polled here and the
-//! brief polling, GetAsync at 8 coroutines went from 0.59-0.64 to 0.86-0.99 of raw sqlx on
-//! PostgreSQL and from 0.74-0.76 to 0.91-0.94 on SQLite (BENCHMARKS.md, session 12); neither
-//! the lanes nor the polling gained alone. What that costs: a lane's sockets are driven only
+//! brief polling, GetAsync at 8 coroutines went from 0.59-0.64 to 0.81-1.15 of raw sqlx on
+//! PostgreSQL and from 0.71-0.76 to 0.82-1.02 on SQLite across session 12's runs
+//! (BENCHMARKS.md); neither the lanes nor the polling gained alone. What that costs: a lane's sockets are driven only
 //! while the VM's runtime runs, so its connections serve that VM alone (background work such
 //! as the purge task and `OnUpdate` polling keeps the shared connections on the database
 //! runtime), and the lane closes with the VM; a VM busy with fast reads spends part of a core

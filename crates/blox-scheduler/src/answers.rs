@@ -6,7 +6,8 @@
 //! asleep, its wake-up costs as much as the hop it saved. On the virtual machines Blox is
 //! measured on, a sleeping vCPU halts and waking it costs 20-40 µs, while a PostgreSQL point
 //! read answers within tens of microseconds (BENCHMARKS.md, session 12: PostgreSQL GetAsync at
-//! 8 coroutines from 0.63-0.73 to 0.85-0.90 of raw sqlx with both, neither alone gaining).
+//! 8 coroutines from 0.63-0.73 to 0.85-0.90 of raw sqlx in the A/B of the VM's own
+//! connections together with this polling, neither alone gaining).
 //!
 //! Polling burns the core, so it is bounded twice: never past [`MAX_POLL`], and only while
 //! answers have lately come well within it. The scheduler keeps a running mean of how long it

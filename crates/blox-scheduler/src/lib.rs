@@ -465,12 +465,12 @@ impl Scheduler {
                 tokio::task::yield_now().await;
                 continue;
             }
-            let expecting = self.answers.any();
-            let waiting_since = std::time::Instant::now();
-            if expecting {
+            // Only a wait for an expected answer is timed: it alone decides the polling.
+            let waiting_since = self.answers.any().then(std::time::Instant::now);
+            if let Some(since) = waiting_since {
                 let budget = self.answers.poll_budget().min(next_frame - now);
                 if self.poll_runtime_for(budget).await {
-                    self.answers.record_wait(waiting_since.elapsed());
+                    self.answers.record_wait(since.elapsed());
                     continue;
                 }
             }
@@ -479,8 +479,8 @@ impl Scheduler {
                 _ = tokio::time::sleep(next_frame - now) => {}
                 _ = &mut stop => return,
             }
-            if expecting {
-                self.answers.record_wait(waiting_since.elapsed());
+            if let Some(since) = waiting_since {
+                self.answers.record_wait(since.elapsed());
             }
         }
     }

@@ -135,12 +135,8 @@ impl<T, A> Batcher<T, A> {
     /// that run on other connections (another VM's) batch apart but are reported together.
     pub fn sibling(&self) -> Self {
         Self {
-            state: Mutex::new(State {
-                queued: Vec::new(),
-                in_flight: 0,
-            }),
-            in_flight_limit: self.in_flight_limit,
             served: Arc::clone(&self.served),
+            ..Self::new(self.in_flight_limit)
         }
     }
 

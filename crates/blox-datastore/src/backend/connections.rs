@@ -81,12 +81,7 @@ impl<C: Connection> ConnectionSet<C> {
     /// A set within `limits`, with one connection opened at once: a database that cannot be
     /// reached fails here, not at the first request.
     pub async fn connect(options: C::Options, limits: SetLimits) -> Result<Self, sqlx::Error> {
-        let shared = Shared {
-            options,
-            idle: Mutex::new(Vec::with_capacity(limits.size)),
-            available: Semaphore::new(limits.size),
-            limits,
-        };
+        let shared = Shared::empty(options, limits);
         if limits.size > 0 {
             let first = shared.open().await?;
             shared.lock_idle().push((first, Instant::now()));
@@ -102,12 +97,7 @@ impl<C: Connection> ConnectionSet<C> {
     pub fn sibling(&self) -> Self {
         let set = &*self.shared;
         Self {
-            shared: Arc::new(Shared {
-                options: set.options.clone(),
-                idle: Mutex::new(Vec::with_capacity(set.limits.size)),
-                available: Semaphore::new(set.limits.size),
-                limits: set.limits,
-            }),
+            shared: Arc::new(Shared::empty(set.options.clone(), set.limits)),
         }
     }
 
@@ -154,6 +144,16 @@ impl<C: Connection> ConnectionSet<C> {
 }
 
 impl<C: Connection> Shared<C> {
+    /// A set with every slot free and no connection open yet.
+    fn empty(options: C::Options, limits: SetLimits) -> Self {
+        Self {
+            options,
+            idle: Mutex::new(Vec::with_capacity(limits.size)),
+            available: Semaphore::new(limits.size),
+            limits,
+        }
+    }
+
     fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<(C, Instant)>> {
         self.idle
             .lock()
