@@ -6,8 +6,8 @@
 //! VM thread. A backend whose connections are sockets (PostgreSQL) gives each VM a lane of
 //! its own ([`crate::backend::Backend::lane`]), whose connections open inside the VM's runtime
 //! the first time a call of the VM uses them: its answers reach the VM thread without passing
-//! a database worker. SQLite's connections each run on a worker thread of their own, which
-//! answers the VM thread directly. While an answer is outstanding the VM thread polls its
+//! a database worker. SQLite's connections and reader threads each run on a thread of their
+//! own, which answers the VM thread directly. While an answer is outstanding the VM thread polls its
 //! runtime briefly before it sleeps ([`blox_scheduler::Scheduler::expect_answer`]), so an
 //! answer that comes fast finds it awake.
 //!

@@ -506,9 +506,6 @@ impl DataStore {
         };
         self.spend(lua, family, "GetAsync", &key).await?;
         let read_key = key.clone();
-        // The key info is cut out of the row inside the work, so where the work is spawned
-        // the row's strings are freed on the database runtime and the VM thread only
-        // receives what it hands to the script.
         let found = self
             .context
             .run(lua, "GetAsync", &self.name, move |backend| async move {

@@ -89,10 +89,30 @@ async fn keys_are_isolated(backend: Arc<dyn Backend>) {
     );
 }
 
-/// Reads that arrive together share statements (`backend::batch`); each still gets exactly
-/// its own key's row, across universes, kinds, stores and scopes, for keys read twice in one
-/// batch, for tombstones, for keys never written and for keys that need escaping.
-async fn reads_that_share_a_statement_each_get_their_own_row(backend: Arc<dyn Backend>) {
+/// Reads that arrive together each get exactly their own key's row, across universes, kinds,
+/// stores and scopes, for keys read twice at once, for tombstones, for keys never written
+/// and for keys that need escaping, whether they share statements (PostgreSQL's batches,
+/// `backend::batch`) or run side by side (SQLite's reader threads). Every read is counted.
+async fn concurrent_reads_each_get_their_own_row(backend: Arc<dyn Backend>) {
+    let (reads, statements) = read_concurrently(backend).await;
+    assert!(
+        statements <= reads,
+        "{statements} statements for {reads} reads"
+    );
+}
+
+/// PostgreSQL, where every statement is a round trip, batches reads that arrive together.
+async fn postgres_reads_that_arrive_together_share_statements(backend: Arc<dyn Backend>) {
+    let (reads, statements) = read_concurrently(backend).await;
+    assert!(
+        statements < reads,
+        "{reads} concurrent reads never shared a statement"
+    );
+}
+
+/// Reads 40 varied keys 8 times over, all at once, checks every answer and returns how many
+/// reads and statements the backend counted meanwhile.
+async fn read_concurrently(backend: Arc<dyn Backend>) -> (u64, u64) {
     let mut keys = Vec::new();
     for index in 0..40 {
         let name = format!("k{index}");
@@ -165,10 +185,7 @@ async fn reads_that_share_a_statement_each_get_their_own_row(backend: Arc<dyn Ba
         after.batches - before.batches,
     );
     assert_eq!(reads, 8 * keys.len() as u64);
-    assert!(
-        statements < reads,
-        "{reads} concurrent reads never shared a statement"
-    );
+    (reads, statements)
 }
 
 /// Writes that arrive together share statements (`backend::batch`); each still gets a version
@@ -886,6 +903,15 @@ macro_rules! conformance {
                 super::keeps_every_version_when_asked(super::TestDatabase::Postgres).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn reads_that_arrive_together_share_statements() {
+                super::run(
+                    super::TestDatabase::Postgres,
+                    "reads_that_arrive_together_share_statements",
+                    super::postgres_reads_that_arrive_together_share_statements,
+                )
+                .await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn servers_writing_the_same_keys_in_batches_never_deadlock() {
                 super::servers_writing_the_same_keys_in_batches_never_deadlock(
                     super::TestDatabase::Postgres,
@@ -898,7 +924,7 @@ macro_rules! conformance {
 
 conformance!(
     reads_what_was_written,
-    reads_that_share_a_statement_each_get_their_own_row,
+    concurrent_reads_each_get_their_own_row,
     writes_that_share_a_statement_each_get_their_own_version,
     keys_are_isolated,
     compare_and_set_detects_conflicts,

@@ -73,11 +73,4 @@ async fn statements_on_keys_and_stores_search_the_primary_key() {
         let plan = plan(&pool, statement).await;
         assert!(plan.contains(expected), "{name}: {plan}");
     }
-    // Batched reads take their keys from a JSON array, not from bound key columns, and search
-    // the primary key once per key.
-    let plan = plan(&pool, statements.read_many).await;
-    assert!(
-        plan.contains("SCAN q VIRTUAL TABLE") && plan.contains(whole_key),
-        "read_many: {plan}"
-    );
 }

@@ -1,5 +1,6 @@
-//! Requests that arrive together share one round trip: point reads one statement, writes one
-//! multi-row upsert.
+//! Requests that arrive together share one round trip: point reads one statement
+//! (PostgreSQL's; SQLite's run side by side on reader threads, `readers.rs`), writes one
+//! multi-row upsert (both backends).
 //!
 //! Under load a game server reads and writes many keys at once (players joining, 64
 //! coroutines each loading or saving a profile), and each request costs the database far more

@@ -18,6 +18,7 @@
 pub mod batch;
 pub mod connections;
 pub mod postgres;
+mod readers;
 pub mod sqlite;
 
 use std::fmt;
@@ -358,6 +359,17 @@ pub enum BackendError {
     /// every request of the batch shares its error.
     #[error("database error")]
     Batched(#[source] Arc<sqlx::Error>),
+    /// A SQLite reader thread's connection could not open, prepare its statement or read a
+    /// row.
+    #[error("database error")]
+    Reader(#[source] rusqlite::Error),
+    /// A SQLite reader thread could not be started.
+    #[error("cannot start a SQLite reader thread")]
+    ReaderThread(#[source] std::io::Error),
+    /// Every SQLite reader thread stopped before answering (none could prepare its statement
+    /// again, or one panicked while holding the request).
+    #[error("the SQLite reader threads stopped")]
+    ReadersStopped,
     /// The schema migrations failed.
     #[error("database migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -506,10 +518,6 @@ pub struct Statements {
     /// Reads a key's row. Returns value, user_ids, metadata, version_seq, created_ms,
     /// updated_ms, deleted.
     pub read: &'static str,
-    /// Reads the rows of several keys, bound by the dialect's `bind_keys`: the columns of
-    /// `read`, then the key's position among those bound (from 0); no row for a key never
-    /// written, one row for each time a key is bound.
-    pub read_many: &'static str,
     /// Upserts a key (value, user_ids, metadata, now_ms, deleted), returning version_seq,
     /// created_ms, updated_ms.
     pub write: &'static str,
@@ -810,13 +818,14 @@ macro_rules! upsert_on_conflict {
 }
 use upsert_on_conflict;
 
-/// Implements [`Backend`] for a dialect from the methods that hand out its reading and writing
-/// connections, and its [`Statements`].
-macro_rules! sql_backend {
-    ($backend:ty, $db:ty, $statements:expr, bind_keys = $bind_keys:path, bind_writes = $bind_writes:path, read_connection = $read:ident, write_connection = $write:ident, lane = $lane:expr) => {
-        #[async_trait::async_trait]
-        impl $crate::backend::Backend for $backend {
-            async fn read(
+/// Point reads that arrive together share one multi-key statement ([`batch`]): the
+/// [`Backend::read`] of a dialect whose every statement is a round trip (PostgreSQL), given as
+/// `point_read = batched_read, read_statistics = batched_read_statistics` to [`sql_backend`].
+macro_rules! batched_reads {
+    ($backend:ty, $db:ty, $statements:expr, read_many = $read_many:expr, bind_keys = $bind_keys:path, read_connection = $read:ident) => {
+        impl $backend {
+            /// Reads `key` alone when a read slot is free, else in the next batch.
+            async fn batched_read(
                 &self,
                 key: &$crate::backend::EntryKey,
             ) -> Result<Option<$crate::backend::Entry>, $crate::backend::BackendError> {
@@ -831,12 +840,63 @@ macro_rules! sql_backend {
                 batch.finish(read)
             }
 
+            fn batched_read_statistics(&self) -> $crate::backend::batch::BatchStatistics {
+                self.reads.statistics()
+            }
+
+            /// Reads one key with the single-key statement.
+            async fn read_one(
+                &self,
+                key: &$crate::backend::EntryKey,
+            ) -> Result<Option<$crate::backend::Entry>, sqlx::Error> {
+                let query = $crate::backend::bind_key(sqlx::query::<$db>($statements.read), key);
+                let mut connection = self.$read().await?;
+                let done = query.fetch_optional(&mut *connection).await;
+                let row = connection.checked(done)?;
+                row.as_ref()
+                    .map($crate::backend::entry_from_row)
+                    .transpose()
+            }
+
+            /// Reads a batch's keys in one statement (a batch handed on with one key left, with
+            /// the single-key statement).
+            async fn read_batch(
+                &self,
+                batch: &$crate::backend::ReadBatch<'_>,
+            ) -> Result<Vec<Option<$crate::backend::Entry>>, sqlx::Error> {
+                if let Some(key) = batch.single() {
+                    return Ok(vec![self.read_one(key).await?]);
+                }
+                let query = $bind_keys(sqlx::query::<$db>($read_many), batch);
+                let mut connection = self.$read().await?;
+                let done = query.fetch_all(&mut *connection).await;
+                let rows = connection.checked(done)?;
+                $crate::backend::entries_by_position(&rows, batch.request_count())
+            }
+        }
+    };
+}
+use batched_reads;
+
+/// Implements [`Backend`] for a dialect from the methods that hand out its reading and writing
+/// connections, and its [`Statements`].
+macro_rules! sql_backend {
+    ($backend:ty, $db:ty, $statements:expr, point_read = $point_read:ident, read_statistics = $read_statistics:ident, bind_writes = $bind_writes:path, read_connection = $read:ident, write_connection = $write:ident, lane = $lane:expr) => {
+        #[async_trait::async_trait]
+        impl $crate::backend::Backend for $backend {
+            async fn read(
+                &self,
+                key: &$crate::backend::EntryKey,
+            ) -> Result<Option<$crate::backend::Entry>, $crate::backend::BackendError> {
+                self.$point_read(key).await
+            }
+
             fn lane(&self) -> Option<std::sync::Arc<dyn $crate::backend::Backend>> {
                 ($lane)(self)
             }
 
             fn read_statistics(&self) -> $crate::backend::batch::BatchStatistics {
-                self.reads.statistics()
+                self.$read_statistics()
             }
 
             fn write_statistics(&self) -> $crate::backend::batch::BatchStatistics {
@@ -1099,36 +1159,6 @@ macro_rules! sql_backend {
         }
 
         impl $backend {
-            /// Reads one key with the single-key statement.
-            async fn read_one(
-                &self,
-                key: &$crate::backend::EntryKey,
-            ) -> Result<Option<$crate::backend::Entry>, sqlx::Error> {
-                let query = $crate::backend::bind_key(sqlx::query::<$db>($statements.read), key);
-                let mut connection = self.$read().await?;
-                let done = query.fetch_optional(&mut *connection).await;
-                let row = connection.checked(done)?;
-                row.as_ref()
-                    .map($crate::backend::entry_from_row)
-                    .transpose()
-            }
-
-            /// Reads a batch's keys in one statement (a batch handed on with one key left, with
-            /// the single-key statement).
-            async fn read_batch(
-                &self,
-                batch: &$crate::backend::ReadBatch<'_>,
-            ) -> Result<Vec<Option<$crate::backend::Entry>>, sqlx::Error> {
-                if let Some(key) = batch.single() {
-                    return Ok(vec![self.read_one(key).await?]);
-                }
-                let query = $bind_keys(sqlx::query::<$db>($statements.read_many), batch);
-                let mut connection = self.$read().await?;
-                let done = query.fetch_all(&mut *connection).await;
-                let rows = connection.checked(done)?;
-                $crate::backend::entries_by_position(&rows, batch.request_count())
-            }
-
             /// Writes one key with the single-key upsert.
             async fn write_one(
                 &self,

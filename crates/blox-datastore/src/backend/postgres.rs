@@ -17,8 +17,25 @@ use sqlx::{ConnectOptions as _, Connection as _};
 use super::connections::{ConnectionSet, Lease, SetLimits};
 use super::{
     Backend, BackendError, EntryKey, OpenOptions, ReadBatch, ReadBatcher, Statements, WriteBatcher,
-    WriteRequest, sql_backend, upsert_on_conflict,
+    WriteRequest, batched_reads, sql_backend, upsert_on_conflict,
 };
+
+/// Reads the rows of several keys, bound by `bind_keys`: the columns of [`Statements::read`],
+/// then the key's position among those bound (from 0); no row for a key never written, one
+/// row for each time a key is bound.
+///
+/// The key columns arrive as five arrays; each key is looked up on its own, by primary key,
+/// whatever the planner knows of the table. The arrays' text takes the columns' collation
+/// explicitly.
+#[doc(hidden)]
+pub const READ_MANY: &str = "SELECT e.value, e.user_ids, e.metadata, e.version_seq, e.created_ms, \
+           e.updated_ms, e.deleted, q.position - 1 \
+           FROM unnest($1::int8[], $2::int2[], $3::text[], $4::text[], $5::text[]) \
+           WITH ORDINALITY AS q(universe_id, store_kind, store_name, scope, entry_key, position) \
+           CROSS JOIN LATERAL (SELECT value, user_ids, metadata, version_seq, created_ms, \
+           updated_ms, deleted FROM blox_entries b WHERE b.universe_id = q.universe_id \
+           AND b.store_kind = q.store_kind AND b.store_name = q.store_name COLLATE \"C\" \
+           AND b.scope = q.scope COLLATE \"C\" AND b.entry_key = q.entry_key COLLATE \"C\") e";
 
 /// The statements of the PostgreSQL dialect.
 #[doc(hidden)]
@@ -26,17 +43,6 @@ pub const STATEMENTS: Statements = Statements {
     read: "SELECT value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted \
            FROM blox_entries WHERE universe_id = $1 AND store_kind = $2 AND store_name = $3 \
            AND scope = $4 AND entry_key = $5",
-    // The key columns arrive as five arrays; each key is looked up on its own, by primary
-    // key, whatever the planner knows of the table. The arrays' text takes the columns'
-    // collation explicitly.
-    read_many: "SELECT e.value, e.user_ids, e.metadata, e.version_seq, e.created_ms, \
-           e.updated_ms, e.deleted, q.position - 1 \
-           FROM unnest($1::int8[], $2::int2[], $3::text[], $4::text[], $5::text[]) \
-           WITH ORDINALITY AS q(universe_id, store_kind, store_name, scope, entry_key, position) \
-           CROSS JOIN LATERAL (SELECT value, user_ids, metadata, version_seq, created_ms, \
-           updated_ms, deleted FROM blox_entries b WHERE b.universe_id = q.universe_id \
-           AND b.store_kind = q.store_kind AND b.store_name = q.store_name COLLATE \"C\" \
-           AND b.scope = q.scope COLLATE \"C\" AND b.entry_key = q.entry_key COLLATE \"C\") e",
     write: concat!(
         "INSERT INTO blox_entries (universe_id, store_kind, store_name, scope, entry_key, \
             value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted, keep_versions) \
@@ -343,11 +349,21 @@ fn bind_writes<'q, 'w>(
         .bind(keep_all_versions)
 }
 
+batched_reads!(
+    PostgresBackend,
+    sqlx::Postgres,
+    STATEMENTS,
+    read_many = READ_MANY,
+    bind_keys = bind_keys,
+    read_connection = connection
+);
+
 sql_backend!(
     PostgresBackend,
     sqlx::Postgres,
     STATEMENTS,
-    bind_keys = bind_keys,
+    point_read = batched_read,
+    read_statistics = batched_read_statistics,
     bind_writes = bind_writes,
     read_connection = connection,
     write_connection = connection,

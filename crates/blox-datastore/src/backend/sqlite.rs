@@ -2,8 +2,13 @@
 //!
 //! WAL journal, so readers never block the writer. One writer connection: SQLite allows one
 //! writer at a time anyway, and a single connection avoids its lock back-off (measured: same
-//! throughput as four writers, without their 130 ms p99.9). Readers get four connections of
-//! their own. Both are Blox's own [`ConnectionSet`]s, not sqlx pools. `synchronous=NORMAL`
+//! throughput as four writers, without their 130 ms p99.9). Point reads (every GetAsync, and
+//! the read before each UpdateAsync and IncrementAsync) run on four reader threads of Blox's
+//! own, each with a read-only connection, which answer with the finished entry
+//! ([`super::readers`]: through sqlx the row's handling cost the awaiting VM thread more than
+//! the Luau call did). Listings and version reads get four sqlx connections of their own. The
+//! writer and those readers are Blox's own [`ConnectionSet`]s, not sqlx pools. Writes that
+//! arrive together share one multi-row upsert ([`super::batch`]). `synchronous=NORMAL`
 //! survives a process crash (`kill -9` loses nothing that was acknowledged); `FULL` also
 //! survives power loss. Several processes may share the file: the busy timeout makes their
 //! writers queue for the lock, and the compare-and-set writes keep read-modify-write
@@ -19,10 +24,12 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 
+use super::batch::BatchStatistics;
 use super::connections::{ConnectionSet, Lease, SetLimits};
+use super::readers::Readers;
 use super::{
-    BackendError, EntryKey, OpenOptions, ReadBatch, ReadBatcher, Statements, WriteBatcher,
-    WriteRequest, sql_backend, upsert_on_conflict,
+    BackendError, Entry, EntryKey, OpenOptions, Statements, WriteBatcher, WriteRequest,
+    sql_backend, upsert_on_conflict,
 };
 use crate::codec;
 
@@ -63,13 +70,6 @@ pub const STATEMENTS: Statements = Statements {
     read: "SELECT value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted \
            FROM blox_entries WHERE universe_id = ?1 AND store_kind = +?2 AND store_name = ?3 \
            AND scope = ?4 AND entry_key = ?5",
-    // One JSON array of key tuples; each key is looked up on its own, by primary key. Its
-    // store kind is no bound value, so the ordered index cannot make it re-prepare.
-    read_many: "SELECT e.value, e.user_ids, e.metadata, e.version_seq, e.created_ms, \
-           e.updated_ms, e.deleted, q.key FROM json_each(?1) AS q JOIN blox_entries AS e \
-           ON e.universe_id = q.value ->> 0 AND e.store_kind = q.value ->> 1 \
-           AND e.store_name = q.value ->> 2 AND e.scope = q.value ->> 3 \
-           AND e.entry_key = q.value ->> 4",
     write: concat!(
         "INSERT INTO blox_entries (universe_id, store_kind, store_name, scope, entry_key, \
             value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted, keep_versions) \
@@ -167,11 +167,11 @@ pub fn set_limits(size: usize, timeout: std::time::Duration) -> SetLimits {
 #[derive(Debug, Clone)]
 pub struct SqliteBackend {
     readers: ConnectionSet<SqliteConnection>,
-    /// Point reads that arrive together share a statement.
-    reads: Arc<ReadBatcher>,
     /// Unconditional writes that arrive together share a statement.
     writes: Arc<WriteBatcher>,
     writer: ConnectionSet<SqliteConnection>,
+    /// Point reads, on reader threads of Blox's own.
+    point_reads: Arc<Readers>,
     /// Every write asks to keep the version it supersedes ([`OpenOptions::keep_all_versions`]).
     keep_all_versions: bool,
 }
@@ -227,14 +227,23 @@ impl SqliteBackend {
         let writer =
             ConnectionSet::connect(connect.clone(), set_limits(1, options.timeout)).await?;
         let readers = ConnectionSet::connect(connect, set_limits(READERS, options.timeout)).await?;
+        let point_reads = Readers::start(path, READERS, options.timeout, STATEMENTS.read)?;
         drop(lock);
         Ok(Self {
             readers,
-            reads: Arc::new(ReadBatcher::for_connections(READERS)),
             writes: Arc::new(WriteBatcher::for_connections(1)),
             writer,
+            point_reads: Arc::new(point_reads),
             keep_all_versions: options.keep_all_versions,
         })
+    }
+
+    async fn read_on_reader_threads(&self, key: &EntryKey) -> Result<Option<Entry>, BackendError> {
+        self.point_reads.read(key).await
+    }
+
+    fn reader_statistics(&self) -> BatchStatistics {
+        self.point_reads.statistics()
     }
 
     async fn read_connection(&self) -> Result<Lease<'_, SqliteConnection>, sqlx::Error> {
@@ -275,16 +284,6 @@ fn json_rows<I>(
     json
 }
 
-/// Binds the keys of a `read_many` statement as one JSON array of
-/// `[universe, kind, store, scope, key]` arrays.
-fn bind_keys<'q>(
-    query: sqlx::query::Query<'q, sqlx::Sqlite, SqliteArguments>,
-    batch: &ReadBatch<'_>,
-) -> sqlx::query::Query<'q, sqlx::Sqlite, SqliteArguments> {
-    let json = json_rows(batch.requests(), batch.request_count() * 64, open_key_tuple);
-    query.bind(json)
-}
-
 /// Binds the writes of a `write_many` statement as one JSON array of arrays, and whether to
 /// keep every version.
 fn bind_writes<'q, 'w>(
@@ -309,7 +308,8 @@ sql_backend!(
     SqliteBackend,
     sqlx::Sqlite,
     STATEMENTS,
-    bind_keys = bind_keys,
+    point_read = read_on_reader_threads,
+    read_statistics = reader_statistics,
     bind_writes = bind_writes,
     read_connection = read_connection,
     write_connection = write_connection,
