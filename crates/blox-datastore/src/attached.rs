@@ -7,9 +7,9 @@
 //! its own ([`crate::backend::Backend::lane`]), whose connections open inside the VM's runtime
 //! the first time a call of the VM uses them: its answers reach the VM thread without passing
 //! a database worker. SQLite's connections and reader threads each run on a thread of their
-//! own, which answers the VM thread directly. While an answer is outstanding the VM thread polls its
-//! runtime briefly before it sleeps ([`blox_scheduler::Scheduler::expect_answer`]), so an
-//! answer that comes fast finds it awake.
+//! own, which answers the VM thread directly. While an answer is outstanding the VM thread
+//! polls its runtime briefly before it sleeps ([`blox_scheduler::Scheduler::expect_answer`]),
+//! so an answer that comes fast finds it awake.
 //!
 //! ARCHITECTURE.md section 1 spawns database work onto the database runtime so that it never
 //! depends on the VM thread; sessions 8 to 11 polled PostgreSQL's work on the VM thread inside
@@ -17,11 +17,11 @@
 //! passed a database worker) and spawned SQLite's. With lanes, SQLite polled here and the
 //! brief polling, GetAsync at 8 coroutines went from 0.59-0.64 to 0.81-1.15 of raw sqlx on
 //! PostgreSQL and from 0.71-0.76 to 0.82-1.02 on SQLite across session 12's runs
-//! (BENCHMARKS.md); neither the lanes nor the polling gained alone. What that costs: a lane's sockets are driven only
-//! while the VM's runtime runs, so its connections serve that VM alone (background work such
-//! as the purge task and `OnUpdate` polling keeps the shared connections on the database
-//! runtime), and the lane closes with the VM; a VM busy with fast reads spends part of a core
-//! polling.
+//! (BENCHMARKS.md); neither the lanes nor the polling gained alone. What that costs: a lane's
+//! sockets are driven only while the VM's runtime runs, so its connections serve that VM alone
+//! (background work such as the purge task and `OnUpdate` polling keeps the shared connections
+//! on the database runtime), and the lane closes with the VM; a VM busy with fast reads spends
+//! part of a core polling.
 //!
 //! A call's work always finishes, as a request sent to Roblox's servers does, and never waits
 //! on a thread that will not poll it again: it may hold a database connection or lead a batch

@@ -5,10 +5,10 @@
 //! transform) is refused before any work is sent; the method validates its arguments (a bad
 //! call raises at once and writes nothing), starts the database work (polled by the calling
 //! thread on the VM's runtime: [`DataStoreContext::run`]) and parks the calling thread until
-//! it is done; an
-//! answer that needed no wait (a cache hit) still yields once, because Roblox libraries
-//! connect to their own signals after the call and hang if it returns without yielding. The
-//! VM thread never waits on the database: while a call's work waits, other threads run.
+//! it is done; an answer that needed no wait (a cache hit) still yields once, because Roblox
+//! libraries connect to their own signals after the call and hang if it returns without
+//! yielding. The VM thread never waits on the database: while a call's work waits, other
+//! threads run.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -1271,7 +1271,8 @@ impl UserData for DataStore {
 /// where a database thread read it (`OnUpdate` polling) or the value is a number at hand.
 #[derive(Debug)]
 pub(crate) enum KnownValue {
-    /// Decoded where the call's database work ran, on a database thread.
+    /// Decoded already: read by background work on a database thread (`OnUpdate` polling),
+    /// or a number at hand.
     Decoded(Stored),
     /// The stored JSON, parsed into Luau each time a script reads it.
     Text(String),

@@ -278,10 +278,11 @@ impl Scheduler {
         }
     }
 
-    /// Marks an answer as expected soon until the guard drops: a Rust future that waits on I/O
-    /// of this VM's own runtime (a database socket) holds one, so that the VM thread polls the
-    /// runtime for a short while before it sleeps ([`MAX_POLL`] at most, and only while such
-    /// answers have lately come within [`FAST_ANSWER`]).
+    /// Marks an answer as expected soon until the guard drops: a Rust future whose answer
+    /// comes soon (a database socket of this VM's own runtime, or a database thread that wakes
+    /// the awaiting thread) holds one, so that the VM thread polls the runtime for a short
+    /// while before it sleeps ([`MAX_POLL`] at most, and only while such answers have lately
+    /// come within [`FAST_ANSWER`]).
     pub fn expect_answer(&self) -> AnswerGuard {
         self.answers.expect()
     }

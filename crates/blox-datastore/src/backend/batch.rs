@@ -317,18 +317,12 @@ impl<T, A> Drop for Batch<'_, T, A> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{Entry, EntryKey, StoreKind, Version};
+    use crate::backend::{Entry, EntryKey, Version};
 
     type ReadBatcher = Batcher<EntryKey, Option<Entry>>;
 
     fn key(name: &str) -> EntryKey {
-        EntryKey {
-            universe: 1,
-            kind: StoreKind::Standard,
-            store: "S".to_owned(),
-            scope: "global".to_owned(),
-            key: name.to_owned(),
-        }
+        EntryKey::named(name)
     }
 
     fn entry(text: &str) -> Entry {

@@ -60,6 +60,19 @@ pub struct EntryKey {
 }
 
 impl EntryKey {
+    /// Key `name` of the standard store "S", scope "global", universe 1: the key unit tests
+    /// read and write when only the name matters.
+    #[cfg(test)]
+    pub(crate) fn named(name: &str) -> Self {
+        Self {
+            universe: 1,
+            kind: StoreKind::Standard,
+            store: "S".to_owned(),
+            scope: "global".to_owned(),
+            key: name.to_owned(),
+        }
+    }
+
     /// The order in which a batch of writes takes its rows' locks: the primary key's.
     pub fn lock_order(&self, other: &Self) -> std::cmp::Ordering {
         self.lock_tuple().cmp(&other.lock_tuple())
@@ -569,7 +582,7 @@ pub struct Statements {
 type Arguments<DB> = <DB as sqlx::Database>::Arguments;
 
 /// Binds the five key columns.
-fn bind_key<'q, DB>(
+pub(crate) fn bind_key<'q, DB>(
     query: sqlx::query::Query<'q, DB, Arguments<DB>>,
     key: &EntryKey,
 ) -> sqlx::query::Query<'q, DB, Arguments<DB>>
@@ -602,7 +615,7 @@ where
         .bind(write.metadata.clone())
 }
 
-fn entry_from_row<R>(row: &R) -> Result<Entry, sqlx::Error>
+pub(crate) fn entry_from_row<R>(row: &R) -> Result<Entry, sqlx::Error>
 where
     R: sqlx::Row,
     usize: sqlx::ColumnIndex<R>,
@@ -674,30 +687,6 @@ where
         .into_iter()
         .collect::<Option<Vec<_>>>()
         .ok_or_else(|| sqlx::Error::Protocol("write_many left out a write".to_owned()))
-}
-
-/// The entries of a `read_many` statement's rows, placed at the positions of their keys among
-/// `count` keys read.
-fn entries_by_position<R>(rows: &[R], count: usize) -> Result<Vec<Option<Entry>>, sqlx::Error>
-where
-    R: sqlx::Row,
-    usize: sqlx::ColumnIndex<R>,
-    String: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    i64: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    bool: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
-    let mut entries: Vec<Option<Entry>> = (0..count).map(|_| None).collect();
-    for row in rows {
-        let position: i64 = row.try_get(7)?;
-        let slot = usize::try_from(position)
-            .ok()
-            .and_then(|position| entries.get_mut(position))
-            .ok_or_else(|| {
-                sqlx::Error::Protocol(format!("read_many returned key position {position}"))
-            })?;
-        *slot = Some(entry_from_row(row)?);
-    }
-    Ok(entries)
 }
 
 fn version_from_row<R>(row: &R) -> Result<Version, sqlx::Error>
@@ -818,68 +807,9 @@ macro_rules! upsert_on_conflict {
 }
 use upsert_on_conflict;
 
-/// Point reads that arrive together share one multi-key statement ([`batch`]): the
-/// [`Backend::read`] of a dialect whose every statement is a round trip (PostgreSQL), given as
-/// `point_read = batched_read, read_statistics = batched_read_statistics` to [`sql_backend`].
-macro_rules! batched_reads {
-    ($backend:ty, $db:ty, $statements:expr, read_many = $read_many:expr, bind_keys = $bind_keys:path, read_connection = $read:ident) => {
-        impl $backend {
-            /// Reads `key` alone when a read slot is free, else in the next batch.
-            async fn batched_read(
-                &self,
-                key: &$crate::backend::EntryKey,
-            ) -> Result<Option<$crate::backend::Entry>, $crate::backend::BackendError> {
-                let batch = match self.reads.enter(|| key.clone()).await {
-                    $crate::backend::batch::Entered::Alone(slot) => {
-                        return slot.finish(self.read_one(key).await);
-                    }
-                    $crate::backend::batch::Entered::Answered(answer) => return answer,
-                    $crate::backend::batch::Entered::Lead(batch) => batch,
-                };
-                let read = self.read_batch(&batch).await;
-                batch.finish(read)
-            }
-
-            fn batched_read_statistics(&self) -> $crate::backend::batch::BatchStatistics {
-                self.reads.statistics()
-            }
-
-            /// Reads one key with the single-key statement.
-            async fn read_one(
-                &self,
-                key: &$crate::backend::EntryKey,
-            ) -> Result<Option<$crate::backend::Entry>, sqlx::Error> {
-                let query = $crate::backend::bind_key(sqlx::query::<$db>($statements.read), key);
-                let mut connection = self.$read().await?;
-                let done = query.fetch_optional(&mut *connection).await;
-                let row = connection.checked(done)?;
-                row.as_ref()
-                    .map($crate::backend::entry_from_row)
-                    .transpose()
-            }
-
-            /// Reads a batch's keys in one statement (a batch handed on with one key left, with
-            /// the single-key statement).
-            async fn read_batch(
-                &self,
-                batch: &$crate::backend::ReadBatch<'_>,
-            ) -> Result<Vec<Option<$crate::backend::Entry>>, sqlx::Error> {
-                if let Some(key) = batch.single() {
-                    return Ok(vec![self.read_one(key).await?]);
-                }
-                let query = $bind_keys(sqlx::query::<$db>($read_many), batch);
-                let mut connection = self.$read().await?;
-                let done = query.fetch_all(&mut *connection).await;
-                let rows = connection.checked(done)?;
-                $crate::backend::entries_by_position(&rows, batch.request_count())
-            }
-        }
-    };
-}
-use batched_reads;
-
-/// Implements [`Backend`] for a dialect from the methods that hand out its reading and writing
-/// connections, and its [`Statements`].
+/// Implements [`Backend`] for a dialect from its [`Statements`] and the methods that do the
+/// point read (PostgreSQL batches it, SQLite runs it on reader threads), report its
+/// statistics, and hand out its reading and writing connections.
 macro_rules! sql_backend {
     ($backend:ty, $db:ty, $statements:expr, point_read = $point_read:ident, read_statistics = $read_statistics:ident, bind_writes = $bind_writes:path, read_connection = $read:ident, write_connection = $write:ident, lane = $lane:expr) => {
         #[async_trait::async_trait]

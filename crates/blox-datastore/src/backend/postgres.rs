@@ -11,16 +11,17 @@ use std::str::FromStr as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPoolOptions};
-use sqlx::{ConnectOptions as _, Connection as _};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPoolOptions, PgRow};
+use sqlx::{ConnectOptions as _, Connection as _, Row as _};
 
+use super::batch::{BatchStatistics, Entered};
 use super::connections::{ConnectionSet, Lease, SetLimits};
 use super::{
-    Backend, BackendError, EntryKey, OpenOptions, ReadBatch, ReadBatcher, Statements, WriteBatcher,
-    WriteRequest, batched_reads, sql_backend, upsert_on_conflict,
+    Backend, BackendError, Entry, EntryKey, OpenOptions, ReadBatch, ReadBatcher, Statements,
+    WriteBatcher, WriteRequest, bind_key, entry_from_row, sql_backend, upsert_on_conflict,
 };
 
-/// Reads the rows of several keys, bound by `bind_keys`: the columns of [`Statements::read`],
+/// Reads the rows of several keys, bound by [`bind_keys`]: the columns of [`Statements::read`],
 /// then the key's position among those bound (from 0); no row for a key never written, one
 /// row for each time a key is bound.
 ///
@@ -261,6 +262,45 @@ impl PostgresBackend {
         }
     }
 
+    /// Reads `key` alone when a read slot is free, else in the next batch: point reads that
+    /// arrive together share one multi-key statement ([`super::batch`]), since every statement
+    /// is a round trip.
+    async fn batched_read(&self, key: &EntryKey) -> Result<Option<Entry>, BackendError> {
+        let batch = match self.reads.enter(|| key.clone()).await {
+            Entered::Alone(slot) => return slot.finish(self.read_one(key).await),
+            Entered::Answered(answer) => return answer,
+            Entered::Lead(batch) => batch,
+        };
+        let read = self.read_batch(&batch).await;
+        batch.finish(read)
+    }
+
+    fn batched_read_statistics(&self) -> BatchStatistics {
+        self.reads.statistics()
+    }
+
+    /// Reads one key with the single-key statement.
+    async fn read_one(&self, key: &EntryKey) -> Result<Option<Entry>, sqlx::Error> {
+        let query = bind_key(sqlx::query::<sqlx::Postgres>(STATEMENTS.read), key);
+        let mut connection = self.connection().await?;
+        let done = query.fetch_optional(&mut *connection).await;
+        let row = connection.checked(done)?;
+        row.as_ref().map(entry_from_row).transpose()
+    }
+
+    /// Reads a batch's keys in one statement (a batch handed on with one key left, with the
+    /// single-key statement).
+    async fn read_batch(&self, batch: &ReadBatch<'_>) -> Result<Vec<Option<Entry>>, sqlx::Error> {
+        if let Some(key) = batch.single() {
+            return Ok(vec![self.read_one(key).await?]);
+        }
+        let query = bind_keys(sqlx::query(READ_MANY), batch);
+        let mut connection = self.connection().await?;
+        let done = query.fetch_all(&mut *connection).await;
+        let rows = connection.checked(done)?;
+        entries_by_position(&rows, batch.request_count())
+    }
+
     /// A connection for reads and writes alike: one set serves both.
     async fn connection(&self) -> Result<Lease<'_, PgConnection>, sqlx::Error> {
         self.connections.acquire().await
@@ -309,6 +349,23 @@ impl<'k> KeyArrays<'k> {
     }
 }
 
+/// The entries of a [`READ_MANY`] statement's rows, placed at the positions of their keys
+/// among `count` keys read.
+fn entries_by_position(rows: &[PgRow], count: usize) -> Result<Vec<Option<Entry>>, sqlx::Error> {
+    let mut entries: Vec<Option<Entry>> = (0..count).map(|_| None).collect();
+    for row in rows {
+        let position: i64 = row.try_get(7)?;
+        let slot = usize::try_from(position)
+            .ok()
+            .and_then(|position| entries.get_mut(position))
+            .ok_or_else(|| {
+                sqlx::Error::Protocol(format!("read_many returned key position {position}"))
+            })?;
+        *slot = Some(entry_from_row(row)?);
+    }
+    Ok(entries)
+}
+
 /// Binds the keys of a `read_many` statement as five arrays, one per key column.
 fn bind_keys<'q>(query: PgQuery<'q>, batch: &ReadBatch<'_>) -> PgQuery<'q> {
     let mut keys = KeyArrays::with_capacity(batch.request_count());
@@ -348,15 +405,6 @@ fn bind_writes<'q, 'w>(
         .bind(deleted)
         .bind(keep_all_versions)
 }
-
-batched_reads!(
-    PostgresBackend,
-    sqlx::Postgres,
-    STATEMENTS,
-    read_many = READ_MANY,
-    bind_keys = bind_keys,
-    read_connection = connection
-);
 
 sql_backend!(
     PostgresBackend,

@@ -267,20 +267,13 @@ fn read_entry(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::StoreKind;
 
     const READ: &str = "SELECT value, user_ids, metadata, version_seq, created_ms, updated_ms, \
         deleted FROM entries WHERE universe_id = ?1 AND store_kind = ?2 AND store_name = ?3 \
         AND scope = ?4 AND entry_key = ?5";
 
     fn key(name: &str) -> EntryKey {
-        EntryKey {
-            universe: 1,
-            kind: StoreKind::Standard,
-            store: "S".to_owned(),
-            scope: "global".to_owned(),
-            key: name.to_owned(),
-        }
+        EntryKey::named(name)
     }
 
     fn file_with_table() -> (tempfile::TempDir, std::path::PathBuf, rusqlite::Connection) {
