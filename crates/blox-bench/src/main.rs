@@ -9,6 +9,10 @@
 //! runtimes). While the Luau load runs, a Luau thread measures how late `task.wait()` resumes,
 //! the timer lag scripts would feel.
 //! GetAsync runs with `UseCache = false`: the point is the database path, not cache hits.
+//! The raw side writes the current time as Blox does (a constant timestamp would let
+//! PostgreSQL skip work a real write does), and on PostgreSQL every round starts from a
+//! vacuumed table: without it, on a server with autovacuum off, dead rows pile up from run to
+//! run and every round is slower than the one before, whichever side runs it.
 //!
 //! Two more measurements on request: `--listing-sizes` pages through stores of those sizes
 //! (ListKeysAsync, ListVersionsAsync, GetSortedAsync), to show a page costs the same deep in
@@ -29,6 +33,7 @@ use blox_datastore::backend::{
     EntryKey, OpenOptions, Statements, StoreKind, Write, postgres, sqlite,
 };
 use blox_datastore::budget::Throttling;
+use blox_datastore::operations::now_ms;
 use blox_engine::{Engine, ServerIdentity};
 use blox_scheduler::{FRAME, RealClock};
 use clap::{Parser, ValueEnum};
@@ -222,9 +227,11 @@ fn main() -> anyhow::Result<()> {
             let mut reads = BatchTally::default();
             let mut writes = BatchTally::default();
             for _ in 0..args.rounds.max(1) {
+                runtime.block_on(raw.vacuum())?;
                 sqlx_runs.push(CpuUse::of(|| {
                     runtime.block_on(raw.run(op, concurrency, args.seconds))
                 })?);
+                runtime.block_on(raw.vacuum())?;
                 let backend = host.backend();
                 let (reads_before, writes_before) =
                     (backend.read_statistics(), backend.write_statistics());
@@ -727,6 +734,17 @@ impl RawConnections {
         }
     }
 
+    /// Reclaims the dead rows earlier rounds left (PostgreSQL; SQLite updates in place), as
+    /// autovacuum would on a server that keeps its default settings.
+    async fn vacuum(&self) -> anyhow::Result<()> {
+        if let RawConnections::Postgres { seeder, .. } = self {
+            sqlx::query("VACUUM blox_entries, blox_versions")
+                .execute(seeder)
+                .await?;
+        }
+        Ok(())
+    }
+
     async fn run(&self, op: Op, concurrency: usize, seconds: f64) -> anyhow::Result<Stats> {
         match self {
             RawConnections::Sqlite {
@@ -799,7 +817,7 @@ where
                                 .bind(PLAYER.to_owned())
                                 .bind("[]".to_owned())
                                 .bind("{}".to_owned())
-                                .bind(0_i64)
+                                .bind(now_ms())
                                 .bind(false)
                                 .bind(false)
                                 .fetch_one(&mut *connection)
@@ -823,7 +841,7 @@ where
                                 .bind(seq)
                                 .bind(seq + 1)
                                 .bind(0_i64)
-                                .bind(0_i64)
+                                .bind(now_ms())
                                 .bind(false)
                                 .bind(false)
                                 .execute(&mut *connection)
