@@ -10,7 +10,7 @@
 //! of a single-row upsert, 3.5× the rows, while 4 single-row upserts in one transaction gained
 //! 14%. So a backend lets only a few read statements, and a few write statements, be in
 //! flight at once; a request that arrives while they all are waits, and when one finishes,
-//! every request that queued meanwhile goes out together in the next one. Nothing is held back
+//! the requests that queued meanwhile go out together in the next one. Nothing is held back
 //! to make a batch: a request that finds a free slot goes at once, alone, with the same
 //! statement it would run without batching, and is not even copied (only a request that
 //! queues needs a copy of its own). Batches grow only as fast as the database falls behind,
@@ -18,14 +18,23 @@
 //!
 //! There is no batching task: the request whose statement finishes hands its slot and the
 //! queued requests to the first of them, whose own call then runs the batch and answers the
-//! others. Each request of a batch runs as it would alone (a batched read looks its key up by
-//! primary key; a batched write is the same upsert, row by row), and a batch starts after each
-//! of its requests was made, so a read never misses a write that returned before the read was
-//! called, and a write is durable before its call returns.
+//! others. That leader gathers more when it starts: the VM thread resumes the callers a batch
+//! answered before the next leader, and the requests they make at once join the next
+//! statement instead of waiting for a slot to free again (for PostgreSQL writes, a commit's
+//! flush later; SetAsync from 8 coroutines sent 2.6 rows per flush that way, and raw sqlx's
+//! eight connections 3.1). With several slots a leader takes only its share of those, so the
+//! batches in flight together stay alike: taking them all left a slot to one coroutine's
+//! requests, one row per statement (BENCHMARKS.md, session 14). Each request of a batch runs
+//! as it would alone (a batched read looks its key up by primary key; a batched write is the
+//! same upsert, row by row), and a batch starts after each of its requests was made, so a
+//! read never misses a write that returned before the read was called, and a write is
+//! durable before its call returns.
 //!
-//! A caller that gives up (its future dropped) while it leads a batch hands the batch on
-//! instead of abandoning the requests that queued behind it.
+//! A caller that gives up (its future dropped) while it leads a batch, or after it was handed
+//! a slot but before it took it, hands the slot and the batch on instead of abandoning the
+//! requests that queued behind it.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -67,7 +76,7 @@ pub struct BatchStatistics {
 #[derive(Debug)]
 struct State<T, A> {
     /// Requests waiting for a slot, oldest first.
-    queued: Vec<Queued<T, A>>,
+    queued: VecDeque<Queued<T, A>>,
     /// Batches running now.
     in_flight: usize,
 }
@@ -83,9 +92,28 @@ struct Queued<T, A> {
 enum Turn<T, A> {
     /// Another request's batch answered this one.
     Answered(Result<A, BackendError>),
-    /// This request (handed back) now holds a slot and leads a batch of itself and these
-    /// requests.
+    /// This request (handed back) now holds a slot and leads a batch of itself, these
+    /// requests (queued when the slot was handed on) and, when it starts, its share of those
+    /// queued since ([`Batcher::gather`]).
     Lead(T, Vec<Queued<T, A>>),
+}
+
+/// A queued request's wait for its [`Turn`]. A caller that gives up after it was handed a
+/// slot, before it took it, hands the slot on: dropping the turn unread would lose the slot
+/// for good, and the requests queued behind it would wait forever.
+struct AwaitedTurn<'a, T, A> {
+    batcher: &'a Batcher<T, A>,
+    turn: oneshot::Receiver<Turn<T, A>>,
+}
+
+impl<T, A> Drop for AwaitedTurn<'_, T, A> {
+    fn drop(&mut self) {
+        // After `close` no turn can arrive, so one sent before is the last there is.
+        self.turn.close();
+        if let Ok(Turn::Lead(_, others)) = self.turn.try_recv() {
+            self.batcher.release(others);
+        }
+    }
 }
 
 /// How a request proceeds once [`Batcher::enter`] returns.
@@ -124,7 +152,7 @@ impl<T, A> Batcher<T, A> {
     pub fn new(in_flight_limit: usize) -> Self {
         Self {
             state: Mutex::new(State {
-                queued: Vec::new(),
+                queued: VecDeque::new(),
                 in_flight: 0,
             }),
             in_flight_limit: in_flight_limit.max(1),
@@ -153,26 +181,32 @@ impl<T, A> Batcher<T, A> {
     /// `request` makes the owned copy that waits in the queue until another request's batch
     /// answers it or hands it the lead. Only a request that queues is copied.
     pub async fn enter(&self, request: impl FnOnce() -> T) -> Entered<'_, T, A> {
-        let turn = {
+        let mut awaited = {
             let mut state = self.lock();
             if state.in_flight < self.in_flight_limit {
                 state.in_flight += 1;
                 return Entered::Alone(self.slot());
             }
             let (turn, waiting) = oneshot::channel();
-            state.queued.push(Queued {
+            state.queued.push_back(Queued {
                 request: request(),
                 turn,
             });
-            waiting
+            AwaitedTurn {
+                batcher: self,
+                turn: waiting,
+            }
         };
-        match turn.await {
+        match (&mut awaited.turn).await {
             Ok(Turn::Answered(result)) => Entered::Answered(result),
-            Ok(Turn::Lead(own, others)) => Entered::Lead(Batch {
-                slot: self.slot(),
-                own,
-                others,
-            }),
+            Ok(Turn::Lead(own, mut others)) => {
+                self.gather(&mut others);
+                Entered::Lead(Batch {
+                    slot: self.slot(),
+                    own,
+                    others,
+                })
+            }
             // Only a batcher dropped with requests queued drops their senders, and a batcher
             // lives as long as its backend, which every request borrows.
             Err(_) => unreachable!("a queued request outlived its backend"),
@@ -210,23 +244,43 @@ impl<T, A> Batcher<T, A> {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Gives up a slot: the oldest queued requests, up to a batch, get it, led by the oldest
-    /// one still waiting.
-    fn release(&self, mut returned: Vec<Queued<T, A>>) {
+    /// Gives up a slot, with the requests of an unfinished batch (`returned`) first in the
+    /// queue again: see [`Batcher::hand_slot`].
+    fn release(&self, returned: Vec<Queued<T, A>>) {
         let mut state = self.lock();
-        if !returned.is_empty() {
-            returned.append(&mut state.queued);
-            state.queued = returned;
+        for queued in returned.into_iter().rev() {
+            state.queued.push_front(queued);
         }
-        while !state.queued.is_empty() {
-            let take = state.queued.len().min(MAX_BATCH);
-            let mut batch: Vec<Queued<T, A>> = state.queued.drain(..take).collect();
-            let leader = batch.remove(0);
+        Self::hand_slot(&mut state);
+    }
+
+    /// Adds to the batch of a leader that starts now (`others`: the requests queued when it
+    /// was handed its slot) its share of the requests queued since: with one slot all of
+    /// them, with two half, so that batches in flight together carry alike. The rest wait
+    /// for the next slot to be handed on: requests queue only while every slot is held.
+    fn gather(&self, others: &mut Vec<Queued<T, A>>) {
+        let mut state = self.lock();
+        let waiting = 1 + others.len() + state.queued.len();
+        let share = waiting.div_ceil(self.in_flight_limit).min(MAX_BATCH);
+        let take = state
+            .queued
+            .len()
+            .min(share.saturating_sub(1 + others.len()));
+        others.extend(state.queued.drain(..take));
+    }
+
+    /// Hands a slot held by the caller to the oldest queued request still waiting, with up
+    /// to a batch of the requests queued behind it; with none waiting, frees the slot.
+    fn hand_slot(state: &mut State<T, A>) {
+        while let Some(leader) = state.queued.pop_front() {
+            let take = state.queued.len().min(MAX_BATCH - 1);
+            let batch = state.queued.drain(..take).collect();
             match leader.turn.send(Turn::Lead(leader.request, batch)) {
                 Ok(()) => return,
                 Err(Turn::Lead(_, batch)) => {
-                    let rest = std::mem::replace(&mut state.queued, batch);
-                    state.queued.extend(rest);
+                    for queued in Vec::into_iter(batch).rev() {
+                        state.queued.push_front(queued);
+                    }
                 }
                 Err(Turn::Answered(_)) => unreachable!("a lead was sent"),
             }
@@ -420,6 +474,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_leader_gathers_the_requests_made_before_it_starts() {
+        let batcher = ReadBatcher::new(1);
+        let (second, third) = (key("b"), key("c"));
+        let running = alone(&batcher).await;
+        let second_read = queued(&batcher, &second).await;
+        running.finish(Ok(None)).unwrap();
+        // Made after the slot was handed on, before its new holder ran.
+        let third_read = queued(&batcher, &third).await;
+
+        let batch = lead(second_read.await);
+        assert_eq!(batch.requests().collect::<Vec<_>>(), [&second, &third]);
+        batch.finish(Ok(vec![None, None])).unwrap();
+        assert!(matches!(third_read.await, Entered::Answered(Ok(None))));
+        assert_eq!(batcher.lock().in_flight, 0);
+    }
+
+    #[tokio::test]
+    async fn with_two_slots_a_starting_leader_takes_half_of_what_queued_since() {
+        let batcher = ReadBatcher::new(2);
+        let first = alone(&batcher).await;
+        let second = alone(&batcher).await;
+        let third_read = queued(&batcher, &key("c")).await;
+        first.finish(Ok(None)).unwrap();
+        let mut later = Vec::new();
+        for name in ["d", "e", "f", "g"] {
+            later.push(queued(&batcher, &key(name)).await);
+        }
+
+        let batch = lead(third_read.await);
+        assert_eq!(
+            batch.requests().collect::<Vec<_>>(),
+            [&key("c"), &key("d"), &key("e")]
+        );
+        second.finish(Ok(None)).unwrap();
+        let mut later = later.into_iter().skip(2);
+        let next = lead(later.next().unwrap().await);
+        assert_eq!(next.requests().collect::<Vec<_>>(), [&key("f"), &key("g")]);
+        drop((batch, next, later));
+        assert_eq!(batcher.lock().in_flight, 0);
+    }
+
+    #[tokio::test]
     async fn a_failed_statement_fails_every_read_of_its_batch() {
         let batcher = ReadBatcher::new(1);
         let (running, second_read, third_read) = running_and_queued(&batcher).await;
@@ -465,5 +561,26 @@ mod tests {
         assert_eq!(batch.requests().collect::<Vec<_>>(), [&third]);
         drop(batch);
         assert_eq!(batcher.lock().in_flight, 0);
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_gives_up_after_being_handed_the_slot_hands_it_on() {
+        let batcher = ReadBatcher::new(1);
+        let third = key("c");
+        let (running, handed, waiting) = running_and_queued(&batcher).await;
+        drop(running);
+        drop(handed);
+
+        let batch = lead(waiting.await);
+        assert_eq!(batch.requests().collect::<Vec<_>>(), [&third]);
+        drop(batch);
+        assert_eq!(batcher.lock().in_flight, 0);
+
+        let running = alone(&batcher).await;
+        let handed = queued(&batcher, &third).await;
+        drop(running);
+        drop(handed);
+        assert_eq!(batcher.lock().in_flight, 0);
+        drop(alone(&batcher).await);
     }
 }
