@@ -105,21 +105,18 @@ pub const STATEMENTS: Statements = Statements {
             FOR UPDATE SKIP LOCKED)",
     purge_tombstones: "DELETE FROM blox_entries WHERE (universe_id, store_kind, store_name, \
             scope, entry_key) IN (SELECT universe_id, store_kind, store_name, scope, entry_key \
-            FROM blox_entries WHERE deleted = TRUE AND updated_ms < $1 \
-            FOR UPDATE SKIP LOCKED)",
+            FROM blox_entries WHERE tombstone_ms < $1 FOR UPDATE SKIP LOCKED)",
     delete: "DELETE FROM blox_entries WHERE universe_id = $1 AND store_kind = $2 AND store_name = $3 \
             AND scope = $4 AND entry_key = $5 \
             RETURNING value, user_ids, metadata, version_seq, created_ms, updated_ms, deleted",
-    sorted_ascending: "SELECT entry_key, (CASE WHEN store_kind = 1 THEN value::bigint END) FROM blox_entries \
+    sorted_ascending: "SELECT entry_key, sort_value FROM blox_entries \
             WHERE store_kind = 1 AND universe_id = $1 AND store_name = $2 AND scope = $3 \
-            AND (CASE WHEN store_kind = 1 THEN value::bigint END) >= $4 AND (CASE WHEN store_kind = 1 THEN value::bigint END) <= $5 \
-            AND ((CASE WHEN store_kind = 1 THEN value::bigint END), entry_key) > ($6, $7) \
-            ORDER BY (CASE WHEN store_kind = 1 THEN value::bigint END), entry_key LIMIT $8",
-    sorted_descending: "SELECT entry_key, (CASE WHEN store_kind = 1 THEN value::bigint END) FROM blox_entries \
+            AND sort_value >= $4 AND sort_value <= $5 AND (sort_value, entry_key) > ($6, $7) \
+            ORDER BY sort_value, entry_key LIMIT $8",
+    sorted_descending: "SELECT entry_key, sort_value FROM blox_entries \
             WHERE store_kind = 1 AND universe_id = $1 AND store_name = $2 AND scope = $3 \
-            AND (CASE WHEN store_kind = 1 THEN value::bigint END) >= $4 AND (CASE WHEN store_kind = 1 THEN value::bigint END) <= $5 \
-            AND ((CASE WHEN store_kind = 1 THEN value::bigint END), entry_key) < ($6, $7) \
-            ORDER BY (CASE WHEN store_kind = 1 THEN value::bigint END) DESC, entry_key DESC LIMIT $8",
+            AND sort_value >= $4 AND sort_value <= $5 AND (sort_value, entry_key) < ($6, $7) \
+            ORDER BY sort_value DESC, entry_key DESC LIMIT $8",
     list_keys_in_scope: "SELECT scope, entry_key FROM blox_entries \
             WHERE universe_id = $1 AND store_kind = $2 AND store_name = $3 \
             AND scope = $4 AND entry_key >= $5 AND entry_key < $6 \
