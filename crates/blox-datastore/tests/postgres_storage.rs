@@ -128,29 +128,27 @@ async fn writes_to_a_live_entry_update_its_row_in_place() {
     transaction.rollback().await.unwrap();
 }
 
-/// The plan of `statement` with every other way to find rows turned off: the scratch tables
-/// are too small for PostgreSQL to prefer an index on its own.
-async fn plan(connection: &mut PgConnection, statement: &str) -> String {
-    sqlx::raw_sql("SET enable_seqscan = off; SET enable_bitmapscan = off")
+/// The generic plan Blox's sessions run `statement` with (`plan_cache_mode =
+/// force_generic_plan`), for `arguments`, with every other way to find rows turned off: the
+/// scratch tables are too small for PostgreSQL to prefer an index on its own.
+async fn plan(connection: &mut PgConnection, statement: &str, arguments: &str) -> String {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET enable_seqscan = off; SET enable_bitmapscan = off; \
+         PREPARE planned AS {statement}"
+    )))
+    .execute(&mut *connection)
+    .await
+    .expect("the statement prepares");
+    let lines: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "EXPLAIN EXECUTE planned({arguments})"
+    )))
+    .fetch_all(&mut *connection)
+    .await
+    .expect("the statement plans");
+    sqlx::raw_sql("DEALLOCATE planned")
         .execute(&mut *connection)
         .await
         .unwrap();
-    let explained = format!(
-        "EXPLAIN {}",
-        statement
-            .replace("$1", "7")
-            .replace("$2", "'Store'")
-            .replace("$3", "'global'")
-            .replace("$4", "0")
-            .replace("$5", "100")
-            .replace("$6", "0")
-            .replace("$7", "''")
-            .replace("$8", "10")
-    );
-    let lines: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(explained))
-        .fetch_all(&mut *connection)
-        .await
-        .expect("the statement plans");
     lines.join("\n")
 }
 
@@ -169,13 +167,17 @@ async fn sorted_pages_and_the_tombstone_purge_use_their_indexes() {
             "Index Only Scan Backward using blox_entries_sorted",
         ),
     ] {
-        let plan = plan(&mut connection, statement).await;
+        let page = "7, 'Store', 'global', 0, 100, 0, '', 10";
+        let plan = plan(&mut connection, statement, page).await;
         assert!(plan.contains(index), "{name}:\n{plan}");
     }
-    let purge = postgres::STATEMENTS
-        .purge_tombstones
-        .replace("$1", &LATER_MS.to_string());
-    let plan = plan(&mut connection, &purge).await;
+    let cutoff = LATER_MS.to_string();
+    let plan = plan(
+        &mut connection,
+        postgres::STATEMENTS.purge_tombstones,
+        &cutoff,
+    )
+    .await;
     assert!(
         plan.contains("using blox_entries_tombstone_age"),
         "purge_tombstones:\n{plan}"
